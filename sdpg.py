@@ -1,0 +1,877 @@
+"""
+SDPG: Self-Distilled Policy Gradient (Liu, Zhang, Zhang, Gu, arXiv 2606.04036), in one file.
+
+RL with verifiable rewards where the model, shown a privileged context c (the reference
+solution), is a dense full-vocabulary teacher for its own rollouts:
+
+    L = L_out + beta(k) * L_OPD^+ + alpha * L_K(pi_theta, pi_ref)                    (Eq. 3.1)
+
+One GPU (Qwen2.5-0.5B on GSM8K, the default):
+    python sdpg.py
+    python sdpg.py --model Qwen2.5-1.5B --task gsm8k --out-dir out/1.5b
+Plain GRPO with the same code path (no teacher forward, no reference model):
+    python sdpg.py --beta 0 --alpha 0
+A local model and data file, on the CPU:
+    python sdpg.py --model ./my-model --task ./problems.jsonl --device cpu
+Resume, and DDP on 8 GPUs (one node) or 2 x 8 GPUs (two nodes):
+    python sdpg.py --resume out/checkpoint-100
+    torchrun --nproc_per_node=8 sdpg.py
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 sdpg.py
+
+The file reads in the order of Algorithm 1: data and prompts (x, c), rollouts, the verifier,
+group advantages and the gate, the loss terms (one function per equation), the fused
+full-vocabulary head, the update, and the training loop.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
+    task: str = opt("gsm8k", "'gsm8k' or a local .jsonl/.json/.parquet with question, answer[, context]")
+    eval_task: str = opt("", "evaluation data (default: gsm8k test split, or the --task file)")
+    trust_remote_code: bool = opt(False, "allow model code from the Hub")
+    out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
+    seed: int = opt(0, "random seed (each DDP rank adds its rank)")
+    device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'")
+    # rollouts (Algorithm 1, lines 3-5)
+    batch_size: int = opt(32, "prompts per step, over all ranks (the paper uses 128)")
+    group_size: int = opt(8, "G: sampled responses per prompt")
+    max_prompt_tokens: int = opt(1024, "prompts (the teacher's, with c, included) longer than this are skipped")
+    max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
+    temperature: float = opt(1.0, "sampling temperature, applied to student and teacher logits alike")
+    top_p: float = opt(1.0, "nucleus sampling for rollouts")
+    gen_batch_size: int = opt(64, "sequences per model.generate call")
+    # objective (Eq. 2.1, 3.1-3.5, A.3)
+    alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
+    beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
+    beta_warmup: int = opt(50, "T_warm of the beta schedule (0: no warmup)")
+    beta_decay: int = opt(350, "T_decay of the beta schedule (0: no decay)")
+    kl_mode: str = opt("urkl", "reference-KL surrogate: urkl | ufkl | fkl | rkl")
+    gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
+    eps_std: float = opt(1e-6, "eps_std of the group advantage (Eq. 2.1)")
+    eps_low: float = opt(0.2, "lower clip of the importance ratio")
+    eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)")
+    clip_c: float = opt(10.0, "dual-clip constant c for A < 0")
+    # optimisation
+    total_steps: int = opt(400, "T: training steps")
+    lr: float = opt(1e-6, "AdamW learning rate")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "max global gradient norm")
+    lr_warmup: int = opt(10, "steps of linear learning-rate warmup")
+    ppo_minibatches: int = opt(1, "optimizer steps per rollout batch (>1 makes rho differ from 1)")
+    micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
+    head_memory_mb: int = opt(1024, "memory budget of the fused head's logit chunk")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
+    # evaluation, logging, checkpoints
+    eval_every: int = opt(50, "greedy pass@1 evaluation every N steps (0: only at start and end)")
+    eval_n: int = opt(0, "evaluate on the first N problems (0: all)")
+    save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
+    resume: str = opt("", "checkpoint directory to continue from")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed helpers: a plain `python sdpg.py` run never touches torch.distributed
+# ------------------------------------------------------------------------------------------
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
+def all_sum(t):
+    """Sum a tensor over ranks in place (identity on one process)."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_grads(params, bucket_numel=2**26):
+    """Sum gradients over ranks. The loss is already divided by the global token count, so the
+    sum is the gradient of the global token-mean, equal to one process on the whole batch."""
+    if not distributed():
+        return
+    for p in params:  # a parameter unused on this rank still takes part in the sum
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    bucket, numel = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            numel += g.numel()
+        if bucket and (g is None or numel >= bucket_numel):
+            flat = torch.cat([b.reshape(-1).float() for b in bucket])  # (numel,) fp32
+            dist.all_reduce(flat)
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, numel = [], 0
+
+
+# ------------------------------------------------------------------------------------------
+# Data: problems x with privileged context c, and the prompts of Figure 4
+# ------------------------------------------------------------------------------------------
+STUDENT_INSTRUCTION = (
+    "Solve the following math problem step by step. Give the final answer as a number after "
+    "####, for example: #### 42.\n{question}\nRemember to end with #### and the final answer."
+)
+TEACHER_HINT = (
+    "\n[Hint] The correct answer is {answer}.{solution}\n[Instruction] If possible, derive the "
+    "answer {answer} in your own words, with an alternative, equally rigorous approach. If no "
+    "alternative exists, explain the standard approach with exceptional clarity. Do NOT state "
+    "that you were given the answer or a reference."
+)
+
+
+def resolve_model_name(name):
+    """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must exist."""
+    if os.path.isdir(name):
+        return name
+    if re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
+        return "Qwen/" + name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise UserError(f"model path {name!r} does not exist")
+    return name
+
+
+def load_problems(task, split):
+    """Rows of {question, answer, solution}: answer holds the final number, solution the
+    worked reference (c) or ''."""
+    if task == "gsm8k":
+        import datasets  # imported only here: the GPU benchmark machines have no `datasets`
+        rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        return [{"question": r["question"], "answer": r["answer"].rsplit("####", 1)[-1].strip(),
+                 # the reference solution without its <<48/2=24>> calculator annotations
+                 "solution": re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip()}
+                for r in rows]
+    if not task.endswith((".jsonl", ".json", ".parquet")):
+        raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
+    if not os.path.isfile(task):
+        raise UserError(f"data file {task!r} does not exist")
+    try:
+        if task.endswith(".jsonl"):
+            with open(task) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif task.endswith(".json"):
+            with open(task) as f:
+                rows = json.load(f)
+        else:
+            import datasets
+            rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {task}: {str(e).splitlines()[0]}") from None
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"{task} holds no problems")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or "question" not in r or "answer" not in r:
+            raise UserError(f"{task}: row {i + 1} lacks a 'question' or 'answer' field")
+    return [{"question": str(r["question"]), "answer": str(r["answer"]),
+             "solution": str(r.get("context") or "")} for r in rows]
+
+
+def chat_prompt(tokenizer, text):
+    """Token ids of a user turn plus the assistant header (plain text without a chat template)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        text = text + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_prompts(tokenizer, problems, max_tokens, with_teacher):
+    """Student prompt x and teacher prompt (c, x) per problem. The teacher's is the student's
+    with the hint c appended (Figure 4). Prompts over the limit are skipped, with a warning."""
+    kept = []
+    for p in problems:
+        question = STUDENT_INSTRUCTION.format(question=p["question"])
+        student = chat_prompt(tokenizer, question)
+        teacher = None
+        if with_teacher:
+            solution = f" A common way to solve this is:\n{p['solution']}" if p["solution"] else ""
+            teacher = chat_prompt(tokenizer, question + TEACHER_HINT.format(
+                answer=p["answer"].rsplit("####", 1)[-1].strip(), solution=solution))
+        if max(len(student), len(teacher or [])) <= max_tokens:
+            kept.append(dict(p, student_ids=student, teacher_ids=teacher))
+    if len(kept) < len(problems):
+        print(f"warning: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer "
+              f"than --max-prompt-tokens {max_tokens}", file=sys.stderr)
+    return kept
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts: G responses per prompt from the unprivileged policy (Algorithm 1, line 5)
+# ------------------------------------------------------------------------------------------
+def stop_token_ids(tokenizer, model):
+    """EOS and the chat end-of-turn: for Qwen both <|endoftext|> and <|im_end|>."""
+    ids = {tokenizer.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        if t in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(t))
+    return sorted(i for i in ids if i is not None)
+
+
+def cut_at_stop(tokens, stop_ids):
+    """Keep tokens up to and including the first stop token. Returns (tokens, truncated).
+    The mask comes from the stop position, never from `!= pad_id` (pad may equal EOS)."""
+    for j, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: j + 1], False
+    return tokens, True
+
+
+@torch.no_grad()
+def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample"):
+    """Responses (token lists, stop token included) and truncation flags, in sub-batches of
+    --gen-batch-size with left padding."""
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    responses, truncated = [], []
+    for i in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc=desc, leave=False,
+                  disable=rank_and_world()[0] != 0):
+        batch = prompts[i: i + cfg.gen_batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        with autocast(device):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad_id, repetition_penalty=1.0,
+                                 **sampling)
+        for row in out[:, width:].tolist():
+            tokens, cut = cut_at_stop(row, stop_ids)
+            responses.append(tokens)
+            truncated.append(cut)
+    return responses, truncated
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# Verifier: binary reward from the final number (Algorithm 1, line 7)
+# ------------------------------------------------------------------------------------------
+NUMBER = re.compile(r"-?\$?-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def parse_number(text):
+    """'$1,000' -> 1000, '10.00' -> 10, '-7' -> -7, as an exact Fraction."""
+    s = text.replace("$", "").replace(",", "")
+    negative = s.count("-") % 2 == 1
+    return -Fraction(s.replace("-", "")) if negative else Fraction(s.replace("-", ""))
+
+
+def extract_answer(text):
+    """The number after the last '####', else the last number in the text, else None."""
+    text = text.replace("\u2212", "-")
+    if "####" in text:
+        match = NUMBER.search(text.rsplit("####", 1)[1])
+        if match:
+            return parse_number(match.group())
+    numbers = NUMBER.findall(text)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def reward(response, reference):
+    """R = 1 if the response's final number equals the reference's, else 0."""
+    predicted = extract_answer(response)
+    return float(predicted is not None and predicted == extract_answer(reference))
+
+
+# ------------------------------------------------------------------------------------------
+# The objective, one function per equation
+# ------------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size, eps_std=1e-6):
+    """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as in the authors' code.
+    rewards: (B*G,) with each group contiguous. Groups of equal rewards, or of one, get A = 0."""
+    r = rewards.view(-1, group_size).to(torch.float64)                # (B, G)
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    std = r.std(dim=1, keepdim=True)                                    # (B, 1)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps_std)           # (B, G)
+    return torch.where(std > 0, adv, 0.0).view(-1).to(rewards.dtype)   # (B*G,)
+
+
+def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
+    """Section 3.5.2: beta(k) = beta * min(1, k/T_warm) * min(1, (T-k)/T_decay).
+    T_warm = 0 or T_decay = 0 disables that factor; overlapping windows peak below beta."""
+    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
+    return beta * max(0.0, warm) * max(0.0, decay)
+
+
+def ref_kl_penalty(logp, ref_logp, mode="urkl"):
+    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens,
+    log w = log pi_theta(y_t) - log pi_ref(y_t). Its gradient w.r.t. logp is the REINFORCE
+    coefficient of that KL: urkl log w, ufkl 1 - 1/w, fkl -1/w, rkl log w + 1."""
+    log_w = logp - ref_logp
+    if mode == "urkl":
+        return 0.5 * log_w ** 2            # unnormalised reverse KL: (1/2) log^2 w
+    if mode == "ufkl":
+        return torch.exp(-log_w) + log_w   # unnormalised forward KL: 1/w + log w
+    if mode == "fkl":
+        return torch.exp(-log_w)           # forward KL: 1/w
+    if mode == "rkl":
+        return 0.5 * (log_w + 1) ** 2      # reverse KL: (1/2)(log w + 1)^2
+    raise ValueError(f"unknown kl mode {mode!r}")
+
+
+def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, clip_c=10.0):
+    """Appendix A.3 (DAPO clip-higher with dual clip), per token:
+    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)); where A < 0, l = min(l, -A c).
+    With old_logp = logp.detach() (one optimizer step per batch) rho = 1 and the gradient is
+    the on-policy -A grad log pi of Section 3.2."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
+
+
+def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps_low, eps_high, clip_c):
+    """The sampled-token part of Eq. A.3: dual-clip outcome loss + alpha SG[rho] f_K(log w).
+    old_logp=None means on-policy (rho = 1); ref_logp=None or alpha=0 drops the reference term."""
+    old_logp = logp.detach() if old_logp is None else old_logp
+    loss = dual_clip_pg_loss(logp, old_logp, advantages, eps_low, eps_high, clip_c)
+    if alpha and ref_logp is not None:
+        rho = torch.exp(logp.detach() - old_logp)
+        loss = loss + alpha * rho * ref_kl_penalty(logp, ref_logp, kl_mode)
+    return loss
+
+
+def opd_kl_and_grad_(p, logp, logq):
+    """Eq. 3.2 and Proposition 3.1, in place on logq (it becomes the gradient).
+    KL_t = sum_a p(a) (log p(a) - log q(a)), and with the teacher detached
+        dKL_t / dz = p * (log p - log q - KL_t) = -p * A_dist,   A_dist = SG[KL_t - log(p/q)],
+    the policy gradient of Prop. 3.1: the log-ratio advantage centred under p, over the whole
+    vocabulary. Shapes: p, logp, logq (c, V); returns kl (c,), grad (c, V)."""
+    log_ratio = logq.neg_().add_(logp)                                      # (c, V) log p - log q
+    kl = torch.einsum("cv,cv->c", p, log_ratio)                             # (c,)
+    return kl, log_ratio.sub_(kl[:, None]).mul_(p)                         # (c, V)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits
+# ------------------------------------------------------------------------------------------
+def head_chunk_size(vocab_size, memory_mb):
+    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb: three fp32 buffers
+    (log p, p, log q / gradient), two low-precision GEMM outputs and one fp32 upcast in flight."""
+    bytes_per_row = vocab_size * (3 * 4 + 2 * 2 + 4)
+    return max(1, int(memory_mb * 2**20) // bytes_per_row)
+
+
+class FusedSDPGHead(torch.autograd.Function):
+    """Forward computes, chunk by chunk over tokens, the loss and its gradients w.r.t. the
+    student hidden states and the lm_head weight; backward only scales them. Per chunk: four
+    GEMMs (student logits, teacher logits, dX, dW) and at most chunk x V of logits."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
+                old_logp, ref_logp, n_tokens, hp, chunk_size, matmul_dtype):
+        n, dtype = student_hidden.shape[0], matmul_dtype or student_hidden.dtype
+        fdt = torch.promote_types(dtype, torch.float32)                 # logits in fp32 (fp64 in tests)
+        w = weight.to(dtype)                                             # (V, H)
+        grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=w.device)  # (N, H)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=w.device)                       # (V, H) fp32 accumulator
+        loss = torch.zeros((), dtype=fdt, device=w.device)
+        stats = torch.zeros(3, n, dtype=fdt, device=w.device)             # logp, KL, entropy
+        scale = 1.0 / (n_tokens * hp["temperature"])                    # token mean; dz/d(hW) = 1/T
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            h, y = student_hidden[s:e].to(dtype), tokens[s:e]            # (c, H), (c,)
+            logp = ((h @ w.T).to(fdt) / hp["temperature"]).log_softmax(-1)  # (c, V)
+            p = logp.exp()                                               # (c, V)
+            tok_logp = logp.gather(1, y[:, None]).squeeze(1)             # (c,)
+            stats[2, s:e] = -torch.einsum("cv,cv->c", p, logp)          # entropy (c,)
+            old = None if old_logp is None else old_logp[s:e]
+            rho = 1.0 if old is None else torch.exp(tok_logp - old)      # SG[rho] (c,)
+            # sampled-token terms: their per-token gradient w.r.t. log pi(y_t) by autograd on a
+            # (c,) vector, so the head reuses the exact functions of the equations above
+            with torch.enable_grad():
+                x = tok_logp.detach().requires_grad_()
+                tok_loss = sampled_token_loss(x, old, None if ref_logp is None else ref_logp[s:e],
+                                              advantages[s:e], hp["alpha"], hp["kl_mode"],
+                                              hp["eps_low"], hp["eps_high"], hp["clip_c"])
+                (g_logp,) = torch.autograd.grad(tok_loss.sum(), x)       # (c,)
+            loss += tok_loss.detach().sum()
+            b = (g_logp * scale)[:, None]                                # (c, 1)
+            a = kl_weight[s:e] * rho                                     # beta(k) m_i SG[rho] (c,)
+            if teacher_hidden is not None and bool((a != 0).any()):
+                logq = ((teacher_hidden[s:e].to(dtype) @ w.T).to(fdt)
+                        / hp["temperature"]).log_softmax(-1)             # (c, V), no grad
+                kl, dz = opd_kl_and_grad_(p, logp, logq)                 # (c,), (c, V)
+                loss += (a * kl).sum()
+                stats[1, s:e] = kl
+                # d/dz of [a KL + l(log p_y)] = a p (log p - log q - KL) + g (onehot_y - p)
+                dz.mul_((a * scale)[:, None]).sub_(p.mul_(b))
+            else:
+                dz = p.mul_(-b)                                          # (c, V)
+            dz.scatter_add_(1, y[:, None], b.to(fdt))                    # + g onehot_y
+            dz = dz.to(dtype)                                            # (c, V)
+            grad_hidden[s:e] = dz @ w                                    # (c, H)  GEMM 3
+            grad_weight += dz.T @ h                                      # (V, H)  GEMM 4, fp32 sum
+            stats[0, s:e] = tok_logp
+            del logp, p, dz
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (student_hidden.dtype, weight.dtype)
+        return loss / n_tokens, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return ((grad_hidden * grad_loss).to(ctx.dtypes[0]), None,
+                (grad_weight * grad_loss).to(ctx.dtypes[1])) + (None,) * 9
+
+
+def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
+                   ref_logp, n_tokens, *, alpha=1e-3, kl_mode="urkl", eps_low=0.2, eps_high=0.28,
+                   clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=1024, matmul_dtype=None):
+    """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by
+    n_tokens (the global response-token count, so micro-batches and ranks add up exactly).
+
+    student_hidden (N, H) final-norm hidden states with grad; teacher_hidden (N, H) or None (no
+    distillation); weight (V, H) lm_head weight (tied or not); tokens (N,) sampled ids;
+    advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
+    (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
+    Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
+    chunk = chunk_size or head_chunk_size(weight.shape[0], memory_mb)
+    hp = dict(alpha=alpha, kl_mode=kl_mode, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
+              temperature=temperature)
+    return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
+                               old_logp, ref_logp, n_tokens, hp, chunk, matmul_dtype)
+
+
+@torch.no_grad()
+def sampled_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=1024, matmul_dtype=None):
+    """log pi(y_t) for the reference and old policies, chunked: (N, H) -> (N,)."""
+    dtype = matmul_dtype or hidden.dtype
+    fdt, w = torch.promote_types(dtype, torch.float32), weight.to(dtype)
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[s:s + chunk_size].to(dtype) @ w.T).to(fdt) / temperature  # (c, V)
+        out.append(logits.log_softmax(-1).gather(1, tokens[s:s + chunk_size, None]).squeeze(1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=fdt)
+
+
+# ------------------------------------------------------------------------------------------
+# Forward passes to final hidden states (never to logits)
+# ------------------------------------------------------------------------------------------
+def response_hidden(model, prompts, responses, pad_id):
+    """Final-norm hidden states that predict each response token, flattened: (sum |y_i|, H).
+    Sequences are right-padded [prompt | response | pad], so positions are 0..L-1 as in
+    generation; the state at position |prompt| - 1 + j predicts response token j."""
+    device = next(model.parameters()).device
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)   # (b, L)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    rows = torch.cat([i * width + torch.arange(len(p) - 1, len(p) - 1 + len(r))
+                      for i, (p, r) in enumerate(zip(prompts, responses))]).to(device)  # (N,)
+    with autocast(device):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[rows]                                   # (N, H)
+
+
+def micro_batches(samples, token_budget):
+    """Consecutive index lists whose padded length (count x longest) stays within the budget."""
+    batches, current, longest = [], [], 0
+    for i, length in enumerate(samples):
+        if current and max(longest, length) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, length)
+    return batches + [current] if current else batches
+
+
+# ------------------------------------------------------------------------------------------
+# The update: Eq. 3.1 over the batch, one global token-mean, clipped AdamW
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Rollouts:
+    """One step's samples, in group order. Per sample: prompt ids (student, teacher), response
+    ids, advantage, distillation weight beta(k) m_i; per response token: ref and old log-probs."""
+    student_ids: list
+    teacher_ids: list
+    response_ids: list
+    advantages: torch.Tensor           # (S,)
+    kl_weight: torch.Tensor            # (S,)
+    ref_logp: list = None              # S tensors (|y_i|,) or None
+    old_logp: list = None
+
+
+def per_token(values, lengths):
+    """(S,) per-sample values -> (sum lengths,) per-token values."""
+    return torch.repeat_interleave(values, torch.as_tensor(lengths, device=values.device))
+
+
+def score_tokens(model, prompts, rollouts, cfg, pad_id):
+    """log pi(y_t) of the sampled tokens under `model`, no grad, per sample: list of (|y_i|,)."""
+    weight, out = model.get_output_embeddings().weight, []
+    dtype = torch.bfloat16 if weight.is_cuda else None
+    for mb in micro_batches([len(prompts[i]) + len(rollouts.response_ids[i]) for i in range(len(prompts))],
+                            cfg.micro_batch_tokens):
+        resp = [rollouts.response_ids[i] for i in mb]
+        with torch.no_grad():
+            hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id)  # (n, H)
+        tokens = torch.tensor(sum(resp, []), device=weight.device)
+        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, matmul_dtype=dtype).float()
+        out.extend(logp.split([len(r) for r in resp]))
+    return out
+
+
+def update_policy(model, optimizer, rollouts, cfg, pad_id):
+    """Minimise Eq. 3.1 on the rollouts with --ppo-minibatches optimizer steps. Each step's loss
+    is summed over every micro-batch (and rank) and divided by the global response-token count.
+    Returns summed metrics; a non-finite loss or gradient norm skips that step."""
+    weight = model.get_output_embeddings().weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
+    S = len(rollouts.response_ids)
+    sums = dict(tokens=0.0, loss=0.0, kl=0.0, kl_tokens=0.0, ref_kl=0.0, entropy=0.0, clipped=0.0,
+                approx_kl=0.0, teacher_tokens=0.0, grad_norm=0.0, skipped=0.0, teacher_s=0.0, steps=0.0)
+    model.train()
+    for minibatch in torch.arange(S).chunk(cfg.ppo_minibatches):
+        minibatch = minibatch.tolist()
+        lengths = [len(rollouts.response_ids[i]) for i in minibatch]
+        n_tokens = all_sum(torch.tensor(float(sum(lengths)), device=device)).item()
+        loss_sum = torch.zeros((), device=device)
+        for mb in micro_batches([len(rollouts.student_ids[i]) + lengths[k] for k, i in enumerate(minibatch)],
+                                cfg.micro_batch_tokens):
+            idx = [minibatch[k] for k in mb]
+            resp = [rollouts.response_ids[i] for i in idx]
+            lens = [len(r) for r in resp]
+            tokens = torch.tensor(sum(resp, []), device=device)                  # (n,)
+            adv = per_token(rollouts.advantages[idx].to(device), lens)          # (n,)
+            kl_w = per_token(rollouts.kl_weight[idx].to(device), lens)          # (n,)
+            teacher = None
+            if bool((kl_w != 0).any()):  # the teacher forward only where distillation applies
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in idx], resp, pad_id)
+                sums["teacher_tokens"] += len(tokens)
+                sums["teacher_s"] += time.perf_counter() - t0
+            ref = torch.cat([rollouts.ref_logp[i] for i in idx]).to(device) if rollouts.ref_logp else None
+            old = torch.cat([rollouts.old_logp[i] for i in idx]).to(device) if rollouts.old_logp else None
+            student = response_hidden(model, [rollouts.student_ids[i] for i in idx], resp, pad_id)  # (n, H)
+            loss, stats = sdpg_head_loss(
+                student, teacher, weight, tokens, adv, kl_w, old, ref, n_tokens, alpha=cfg.alpha,
+                kl_mode=cfg.kl_mode, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip_c=cfg.clip_c,
+                temperature=cfg.temperature, memory_mb=cfg.head_memory_mb, matmul_dtype=dtype)
+            loss.backward()
+            loss_sum += loss.detach()
+            logp, kl, entropy = stats.float()                                   # (n,) each
+            log_ratio = logp - (old if old is not None else logp)               # log rho (n,)
+            sums["tokens"] += len(tokens)
+            sums["entropy"] += entropy.sum().item()
+            sums["kl"] += (kl * (kl_w != 0)).sum().item()
+            sums["kl_tokens"] += (kl_w != 0).sum().item() if teacher is not None else 0
+            sums["ref_kl"] += ref_kl_penalty(logp, ref, cfg.kl_mode).sum().item() if ref is not None else 0.0
+            sums["approx_kl"] += (log_ratio.exp() - 1 - log_ratio).sum().item()
+            sums["clipped"] += (((adv > 0) & (log_ratio.exp() > 1 + cfg.eps_high))
+                                | ((adv < 0) & (log_ratio.exp() < 1 - cfg.eps_low))).sum().item()
+        all_reduce_grads(params)
+        loss_total = all_sum(loss_sum).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            optimizer.step()
+            sums["loss"] += loss_total
+            sums["grad_norm"] += grad_norm
+            sums["steps"] += 1
+        else:
+            sums["skipped"] += 1
+        optimizer.zero_grad(set_to_none=False)
+    return sums
+
+
+# ------------------------------------------------------------------------------------------
+# Model loading, evaluation and checkpoints
+# ------------------------------------------------------------------------------------------
+def load_model(path, cfg, device, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {path!r}: {str(e).strip().splitlines()[0]}") from None
+    return model.to(device)
+
+
+def load_tokenizer(path, cfg):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {path!r}: {str(e).strip().splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, cfg, stop_ids, show=2):
+    """Greedy pass@1, sharded over ranks and summed. Prints a few responses on rank 0."""
+    rank, world = rank_and_world()
+    mine = problems[rank::world]
+    model.eval()
+    responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
+                            stop_ids, greedy=True, desc="eval") if mine else ([], [])
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    correct = sum(reward(t, p["answer"]) for t, p in zip(texts, mine))
+    totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64,
+                                  device=next(model.parameters()).device))
+    if rank == 0:
+        for t, p in list(zip(texts, mine))[:show]:
+            tqdm.write(f"--- eval sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def rng_state():
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps):
+    """<out>/checkpoint-<step>: weights (safetensors) and tokenizer for AutoModelForCausalLM, and
+    trainer_state.pt for --resume. Written to a temporary directory, then renamed, so a crash
+    mid-save never spoils the last good checkpoint."""
+    rank, world = rank_and_world()
+    rngs = [None] * world
+    if distributed():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
+        tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        rng=rngs, data_position=step * cfg.batch_size, bad_steps=bad_steps,
+                        config=dataclasses.asdict(cfg)), os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if distributed():
+        dist.barrier()
+
+
+def step_prompts(problems, step, cfg):
+    """The global batch of step k (1-based): a fresh permutation each epoch, seeded, so the data
+    position is a function of the step and resumes exactly. Each rank takes whole groups."""
+    rank, world = rank_and_world()
+    batch = []
+    for pos in range((step - 1) * cfg.batch_size, step * cfg.batch_size):
+        epoch, i = divmod(pos, len(problems))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        batch.append(problems[order[i]])
+    return batch[rank::world]
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop: Algorithm 1
+# ------------------------------------------------------------------------------------------
+def train(cfg):
+    rank, world = rank_and_world()
+    if cfg.kl_mode not in ("urkl", "ufkl", "fkl", "rkl"):
+        raise UserError(f"unknown --kl-mode {cfg.kl_mode!r}: use urkl, ufkl, fkl or rkl")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
+    if cfg.group_size < 1 or cfg.total_steps < 1:
+        raise UserError("--group-size and --total-steps must be at least 1")
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
+        raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
+    if cfg.device == "auto":
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{torch.cuda.current_device()}"
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
+
+    # 1. data, prompts, models (all checked before anything is written)
+    model_path = resolve_model_name(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg)
+    distil, anchor = cfg.beta > 0, cfg.alpha > 0
+    train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens, distil)
+    eval_task = cfg.eval_task or cfg.task
+    eval_set = build_prompts(tokenizer, load_problems(eval_task, "test"), cfg.max_prompt_tokens, False)
+    if cfg.eval_n:
+        eval_set = eval_set[: cfg.eval_n]
+    if not train_set:
+        raise UserError(f"no usable training problems in {cfg.task!r}")
+    model = load_model(cfg.resume or model_path, cfg, device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the frozen reference pi_ref is the initial policy, also on resume
+    ref_model = load_model(model_path, cfg, device, torch.bfloat16 if "cuda" in device else torch.float32) if anchor else None
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup)))
+    start, bad_steps = 1, 0
+    if cfg.resume:
+        state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, bad_steps = state["step"] + 1, state["bad_steps"]
+        rng = state["rng"][rank]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids) if start == 1 and eval_set else None
+    bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", disable=rank != 0, initial=start - 1,
+               total=cfg.total_steps)
+    for step in bar:
+        timings, t_step = {}, time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        # 2. rollouts: G responses per prompt from pi_theta(.|x)
+        t0 = time.perf_counter()
+        problems = step_prompts(train_set, step, cfg)
+        group = [p for p in problems for _ in range(cfg.group_size)]
+        model.eval()
+        responses, truncated = generate(model, [p["student_ids"] for p in group], cfg, pad_id, stop_ids)
+        timings["sample_s"] = time.perf_counter() - t0
+        # 3. verify, group advantages (Eq. 2.1), gate m_i (Eq. 3.5) and beta(k)
+        t0 = time.perf_counter()
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, group)])  # (S,)
+        advantages = group_advantages(rewards, cfg.group_size, cfg.eps_std)             # (S,)
+        gate = (advantages > 0).float() if cfg.gate else torch.ones_like(advantages)   # (S,)
+        beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, cfg.beta_warmup, cfg.beta_decay)
+        timings["verify_s"] = time.perf_counter() - t0
+        # 4. no-grad scores: reference log-probs, old log-probs when rho can differ from 1
+        t0 = time.perf_counter()
+        rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
+                            responses, advantages, beta_k * gate)
+        if anchor:
+            rollouts.ref_logp = score_tokens(ref_model, rollouts.student_ids, rollouts, cfg, pad_id)
+        if cfg.ppo_minibatches > 1:
+            model.eval()
+            rollouts.old_logp = score_tokens(model, rollouts.student_ids, rollouts, cfg, pad_id)
+        timings["ref_s"] = time.perf_counter() - t0
+        # 5. update: teacher forward, student forward, fused head, AdamW
+        t0 = time.perf_counter()
+        sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
+        scheduler.step()
+        timings["teacher_s"] = sums["teacher_s"]
+        timings["update_s"] = time.perf_counter() - t0 - sums["teacher_s"]
+        bad_steps = bad_steps + 1 if sums["skipped"] else 0
+        if bad_steps >= cfg.max_bad_steps:
+            raise UserError(f"{bad_steps} updates in a row had a non-finite loss or gradient norm; "
+                            f"stopping at step {step} (try a lower --lr)")
+
+        # 6. metrics, summed over ranks
+        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64)
+        spread = rewards.view(-1, cfg.group_size).std(1, unbiased=False) > 0 if cfg.group_size > 1 \
+            else torch.zeros(len(problems), dtype=torch.bool)
+        keys = ["tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl", "teacher_tokens", "skipped"]
+        local = [sums[k] for k in keys] + [rewards.sum().item(), len(rewards), (~spread).sum().item(),
+                                           len(problems), gate.sum().item(), sum(truncated),
+                                           lengths.max().item() if len(lengths) else 0.0]
+        tot = dict(zip(keys + ["reward", "samples", "flat", "groups", "gated", "truncated", "max_len"],
+                       all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
+        if distributed():
+            max_len = torch.tensor(local[-1], device=device)
+            dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
+            tot["max_len"] = max_len.item()
+        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps:
+            accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids) if eval_set else None
+        seconds = time.perf_counter() - t_step
+        row = dict(step=step, reward=tot["reward"] / tot["samples"], accuracy=accuracy,
+                   zero_spread_frac=tot["flat"] / tot["groups"], gate_ratio=tot["gated"] / tot["samples"],
+                   beta=beta_k, opd_kl=tot["kl"] / tot["kl_tokens"] if tot["kl_tokens"] else None,
+                   ref_kl=tot["ref_kl"] / tot["tokens"] if anchor else None,
+                   clip_frac=tot["clipped"] / tot["tokens"], approx_kl=tot["approx_kl"] / tot["tokens"],
+                   entropy=tot["entropy"] / tot["tokens"], response_len=tot["tokens"] / tot["samples"],
+                   response_len_max=tot["max_len"], truncated_frac=tot["truncated"] / tot["samples"],
+                   loss=sums["loss"] / max(1, sums["steps"]), grad_norm=sums["grad_norm"] / max(1, sums["steps"]),
+                   skipped_updates=tot["skipped"], teacher_tokens=tot["teacher_tokens"],
+                   lr=scheduler.get_last_lr()[0], **timings, step_s=seconds,
+                   tokens_per_s=tot["tokens"] / seconds,
+                   peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", acc="-" if accuracy is None else f"{accuracy:.3f}",
+                            kl="-" if row["opd_kl"] is None else f"{row['opd_kl']:.3g}")
+        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
+            save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
+    return model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if distributed():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
