@@ -340,3 +340,88 @@ def test_microbatch_invariance():
 def test_head_chunk_size_from_budget():
     assert sdpg.head_chunk_size(151936, 1024) == 2**30 // (151936 * 20)
     assert sdpg.head_chunk_size(10**9, 1) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Benchmark (not a test): python test_sdpg.py --bench
+# ------------------------------------------------------------------------------------------
+def naive_head(hs, ht, w, tokens, adv, kl_w, ref, n_tokens):
+    """The (tokens x vocab) way: bf16 GEMM, fp32 logits kept for autograd, teacher logits too."""
+    logp_all = (hs @ w.T).float().log_softmax(-1)
+    with torch.no_grad():
+        logq_all = (ht @ w.T).float().log_softmax(-1)
+    kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
+    loss = sdpg.sampled_token_loss(logp, None, ref, adv, 1e-3, "urkl", 0.2, 0.28, 10.0) + kl_w * kl
+    return loss.sum() / n_tokens
+
+
+def reference_grads(hs, ht, w, tokens, adv, kl_w, ref, n_tokens, chunk=2048):
+    """fp32 gradients of the naive loss, accumulated chunk by chunk (the loss is a sum over tokens)."""
+    w32 = w.float().requires_grad_()
+    gh = torch.empty(hs.shape, dtype=torch.float32, device=hs.device)
+    for s in range(0, len(tokens), chunk):
+        h = hs[s:s + chunk].float().requires_grad_()
+        sl = slice(s, s + chunk)
+        naive_head(h, ht[sl].float(), w32, tokens[sl], adv[sl], kl_w[sl], ref[sl], n_tokens).backward()
+        gh[sl] = h.grad
+    return gh, w32.grad
+
+
+def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=1024):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, H={h}, V={v}, {dtype}, "
+          f"torch {torch.__version__}, head chunk {sdpg.head_chunk_size(v, memory_mb)} rows ({memory_mb} MB budget)")
+    print(f"{'N':>7} {'method':>6} {'ms':>9} {'extra peak MB':>14} {'rel err dX':>11} {'rel err dW':>11}")
+    for n in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        hs = torch.randn(n, h, device=device, dtype=dtype, generator=g)
+        ht = hs + 0.3 * torch.randn(n, h, device=device, dtype=dtype, generator=g)
+        w = (torch.randn(v, h, device=device, dtype=dtype, generator=g) * h ** -0.5)
+        tokens = torch.randint(0, v, (n,), device=device, generator=g)
+        adv = torch.randn(n, device=device, generator=g)
+        kl_w = (adv > 0).float() * 1e-3
+        ref = -torch.rand(n, device=device, generator=g) * 5
+        want_h, want_w = reference_grads(hs, ht, w, tokens, adv, kl_w, ref, float(n))
+        for name in ("naive", "fused"):
+            def step():
+                a_h, a_w = hs.detach().requires_grad_(), w.detach().requires_grad_()
+                if name == "naive":
+                    loss = naive_head(a_h, ht, a_w, tokens, adv, kl_w, ref, float(n))
+                else:
+                    loss, _ = sdpg.sdpg_head_loss(a_h, ht, a_w, tokens, adv, kl_w, None, ref, float(n),
+                                                  memory_mb=memory_mb)
+                loss.backward()
+                return a_h.grad, a_w.grad
+            try:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                gh, gw = step()
+                sync()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                err_h, err_w = rel(gh, want_h), rel(gw, want_w)
+                del gh, gw
+                import time
+                times = []
+                for _ in range(repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                ms = 1000 * sorted(times)[len(times) // 2]
+                print(f"{n:>7} {name:>6} {ms:>9.1f} {peak:>14.0f} {err_h:>11.2e} {err_w:>11.2e}")
+            except torch.OutOfMemoryError:
+                print(f"{n:>7} {name:>6} {'OOM':>9}")
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 1024
+    if torch.cuda.is_available():
+        bench([8192, 32768], 896, 151936, torch.bfloat16, "cuda", memory_mb=budget)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        bench([512, 2048], 64, 8192, torch.float32, "cpu", repeats=2)
