@@ -370,24 +370,75 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
     return loss
 
 
-def opd_kl_and_grad_(p, logp, logq):
-    """Eq. 3.2 and Proposition 3.1, in place on logq (it becomes the gradient).
-    KL_t = sum_a p(a) (log p(a) - log q(a)), and with the teacher detached
-        dKL_t / dz = p * (log p - log q - KL_t) = -p * A_dist,   A_dist = SG[KL_t - log(p/q)],
-    the policy gradient of Prop. 3.1: the log-ratio advantage centred under p, over the whole
-    vocabulary. Shapes: p, logp, logq (c, V); returns kl (c,), grad (c, V)."""
-    log_ratio = logq.neg_().add_(logp)                                      # (c, V) log p - log q
-    kl = torch.einsum("cv,cv->c", p, log_ratio)                             # (c,)
-    return kl, log_ratio.sub_(kl[:, None]).mul_(p)                         # (c, V)
+def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
+    """Row statistics of one chunk: log pi(y_t), entropy, and the exact full-vocabulary
+    KL_t = sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher). Also returns the
+    log-normalisers, so that logit_grad needs no second reduction.
+    Logits (c, V) in the GEMM's dtype, upcast here to fp32 (fp64 stays fp64)."""
+    fdt = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.to(fdt) / temperature                              # (c, V)
+    lse_p = z.logsumexp(-1)                                               # (c,)
+    logp = z - lse_p[:, None]                                             # (c, V)
+    p = logp.exp()                                                        # (c, V)
+    entropy = -(p * logp).sum(-1)                                         # (c,)
+    tok_logp = logp.gather(1, tokens[:, None]).squeeze(1)                 # (c,)
+    if teacher_logits is None:
+        return tok_logp, entropy, torch.zeros_like(lse_p), lse_p, lse_p
+    zq = teacher_logits.to(fdt) / temperature                             # (c, V)
+    lse_q = zq.logsumexp(-1)                                              # (c,)
+    kl = (p * (logp - (zq - lse_q[:, None]))).sum(-1)                     # (c,)
+    return tok_logp, entropy, kl, lse_p, lse_q
+
+
+def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef, logp_coef,
+               temperature=1.0):
+    """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)):
+      Proposition 3.1: with the teacher detached, dKL_t/dz = p * (log p - log q - KL_t)
+        = -p * A_dist, A_dist = SG[KL_t - log(p/q)], the log-ratio advantage centred under p:
+        the KL gradient is a policy gradient over the whole vocabulary;
+      sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, scaled by logp_coef = dl/dlog pi(y_t).
+    kl_coef, logp_coef (c,); returns (c, V) in the logits' dtype, ready for the two GEMMs."""
+    fdt = torch.promote_types(student_logits.dtype, torch.float32)
+    logp = student_logits.to(fdt) / temperature - lse_p[:, None]          # (c, V)
+    p = logp.exp()                                                        # (c, V)
+    grad = -logp_coef[:, None] * p                                        # (c, V)
+    if teacher_logits is not None:
+        logq = teacher_logits.to(fdt) / temperature - lse_q[:, None]      # (c, V)
+        grad = grad + kl_coef[:, None] * p * (logp - logq - kl[:, None])  # Prop. 3.1
+    onehot = torch.arange(p.shape[1], device=p.device) == tokens[:, None]  # (c, V) bool
+    return torch.where(onehot, grad + logp_coef[:, None], grad).to(student_logits.dtype)
+
+
+def cuda_compiled(fn):
+    """On CUDA run fn through torch.compile: the chunk's elementwise work and row reductions
+    fuse into a few kernels that read the low-precision logits and hold no fp32 (chunk x V)
+    buffers. Elsewhere (and if compilation fails) the same code runs eagerly."""
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"ok": True}
+
+    def run(*args):
+        if args[0].is_cuda and state["ok"]:
+            try:
+                return compiled(*args)
+            except Exception as e:  # no Triton, an old GPU, ...: correct, only slower
+                print(f"warning: torch.compile of {fn.__name__} failed ({type(e).__name__}); "
+                      "running it eagerly", file=sys.stderr)
+                state["ok"] = False
+        return fn(*args)
+    return run
+
+
+fused_logit_stats, fused_logit_grad = cuda_compiled(logit_stats), cuda_compiled(logit_grad)
 
 
 # ------------------------------------------------------------------------------------------
 # The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits
 # ------------------------------------------------------------------------------------------
-def head_chunk_size(vocab_size, memory_mb):
-    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb: three fp32 buffers
-    (log p, p, log q / gradient), two low-precision GEMM outputs and one fp32 upcast in flight."""
-    bytes_per_row = vocab_size * (3 * 4 + 2 * 2 + 4)
+def head_chunk_size(vocab_size, memory_mb, device_type="cuda"):
+    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb. On CUDA (compiled)
+    these are the student and teacher logits and the gradient, in bf16; eagerly about eight
+    fp32 temporaries."""
+    bytes_per_row = vocab_size * (3 * 2 if device_type == "cuda" else 8 * 4)
     return max(1, int(memory_mb * 2**20) // bytes_per_row)
 
 
@@ -400,50 +451,44 @@ class FusedSDPGHead(torch.autograd.Function):
     def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
                 old_logp, ref_logp, n_tokens, hp, chunk_size, matmul_dtype):
         n, dtype = student_hidden.shape[0], matmul_dtype or student_hidden.dtype
-        fdt = torch.promote_types(dtype, torch.float32)                 # logits in fp32 (fp64 in tests)
-        w = weight.to(dtype)                                             # (V, H)
+        fdt = torch.promote_types(dtype, torch.float32)
+        w = weight.to(dtype)                                              # (V, H)
         grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=w.device)  # (N, H)
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                  device=w.device)                       # (V, H) fp32 accumulator
+                                  device=w.device)                        # (V, H) fp32 sum
         loss = torch.zeros((), dtype=fdt, device=w.device)
-        stats = torch.zeros(3, n, dtype=fdt, device=w.device)             # logp, KL, entropy
-        scale = 1.0 / (n_tokens * hp["temperature"])                    # token mean; dz/d(hW) = 1/T
+        stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
+        scale = 1.0 / (n_tokens * hp["temperature"])                     # token mean; z = hW / T
+        distil_rows = (kl_weight != 0).cpu() if teacher_hidden is not None else None  # one sync
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
-            h, y = student_hidden[s:e].to(dtype), tokens[s:e]            # (c, H), (c,)
-            logp = ((h @ w.T).to(fdt) / hp["temperature"]).log_softmax(-1)  # (c, V)
-            p = logp.exp()                                               # (c, V)
-            tok_logp = logp.gather(1, y[:, None]).squeeze(1)             # (c,)
-            stats[2, s:e] = -torch.einsum("cv,cv->c", p, logp)          # entropy (c,)
+            h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
+            student_logits = h @ w.T                                      # (c, V)  GEMM 1
+            distil = distil_rows is not None and bool(distil_rows[s:e].any())
+            teacher_logits = teacher_hidden[s:e].to(dtype) @ w.T if distil else None  # GEMM 2
+            tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
+                student_logits, teacher_logits, y, hp["temperature"])     # (c,) each
+            # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
+            # vector, so the head runs the very functions of the equations above
             old = None if old_logp is None else old_logp[s:e]
-            rho = 1.0 if old is None else torch.exp(tok_logp - old)      # SG[rho] (c,)
-            # sampled-token terms: their per-token gradient w.r.t. log pi(y_t) by autograd on a
-            # (c,) vector, so the head reuses the exact functions of the equations above
             with torch.enable_grad():
                 x = tok_logp.detach().requires_grad_()
                 tok_loss = sampled_token_loss(x, old, None if ref_logp is None else ref_logp[s:e],
                                               advantages[s:e], hp["alpha"], hp["kl_mode"],
                                               hp["eps_low"], hp["eps_high"], hp["clip_c"])
-                (g_logp,) = torch.autograd.grad(tok_loss.sum(), x)       # (c,)
-            loss += tok_loss.detach().sum()
-            b = (g_logp * scale)[:, None]                                # (c, 1)
-            a = kl_weight[s:e] * rho                                     # beta(k) m_i SG[rho] (c,)
-            if teacher_hidden is not None and bool((a != 0).any()):
-                logq = ((teacher_hidden[s:e].to(dtype) @ w.T).to(fdt)
-                        / hp["temperature"]).log_softmax(-1)             # (c, V), no grad
-                kl, dz = opd_kl_and_grad_(p, logp, logq)                 # (c,), (c, V)
-                loss += (a * kl).sum()
-                stats[1, s:e] = kl
-                # d/dz of [a KL + l(log p_y)] = a p (log p - log q - KL) + g (onehot_y - p)
-                dz.mul_((a * scale)[:, None]).sub_(p.mul_(b))
+                (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
+            rho = 1.0 if old is None else torch.exp(tok_logp - old)       # SG[rho] (c,)
+            kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
+            loss += tok_loss.detach().sum() + (kl_coef * kl).sum()
+            dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl,
+                                  kl_coef * scale, logp_coef.to(fdt) * scale, hp["temperature"])
+            grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
+            if dz.is_cuda and dz.dtype != grad_weight.dtype:  # bf16 GEMM summing into fp32
+                torch.addmm(grad_weight, dz.T, h, out_dtype=grad_weight.dtype, out=grad_weight)  # GEMM 4
             else:
-                dz = p.mul_(-b)                                          # (c, V)
-            dz.scatter_add_(1, y[:, None], b.to(fdt))                    # + g onehot_y
-            dz = dz.to(dtype)                                            # (c, V)
-            grad_hidden[s:e] = dz @ w                                    # (c, H)  GEMM 3
-            grad_weight += dz.T @ h                                      # (V, H)  GEMM 4, fp32 sum
-            stats[0, s:e] = tok_logp
-            del logp, p, dz
+                grad_weight += dz.T @ h                                   # (V, H)  GEMM 4
+            stats[:, s:e] = torch.stack([tok_logp, kl, entropy])
+            del student_logits, teacher_logits, dz
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (student_hidden.dtype, weight.dtype)
         return loss / n_tokens, stats
@@ -466,7 +511,7 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
     advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
     (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
     Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
-    chunk = chunk_size or head_chunk_size(weight.shape[0], memory_mb)
+    chunk = chunk_size or head_chunk_size(weight.shape[0], memory_mb, student_hidden.device.type)
     hp = dict(alpha=alpha, kl_mode=kl_mode, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
               temperature=temperature)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,

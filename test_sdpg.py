@@ -158,14 +158,25 @@ def test_dual_clip_regimes():
 def test_opd_logit_gradient_is_prop_3_1():
     torch.manual_seed(0)
     z = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
-    logq = torch.randn(5, 11, dtype=torch.float64).log_softmax(-1)
-    logp = z.log_softmax(-1)
+    zq = torch.randn(5, 11, dtype=torch.float64)
+    y = torch.randint(0, 11, (5,))
+    logp, logq = (z / 0.8).log_softmax(-1), (zq / 0.8).log_softmax(-1)
     kl_ref = (logp.exp() * (logp - logq)).sum(-1)
-    (g_ref,) = torch.autograd.grad(kl_ref.sum(), z)
-    kl, g = sdpg.opd_kl_and_grad_(logp.exp().detach(), logp.detach(), logq.clone())
-    assert torch.allclose(kl, kl_ref.detach()) and torch.allclose(g, g_ref)
-    # the advantage -g/p is centred under p (Prop. 3.1)
+    coef = torch.rand(5, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad((coef * kl_ref).sum(), z, retain_graph=True)
+    tok_logp, entropy, kl, lse_p, lse_q = sdpg.logit_stats(z.detach(), zq, y, 0.8)
+    assert torch.allclose(kl, kl_ref.detach()) and torch.allclose(tok_logp, logp.detach()[range(5), y])
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1).detach())
+    no_token_term = torch.zeros(5, dtype=torch.float64)
+    g = sdpg.logit_grad(z.detach(), zq, y, lse_p, lse_q, kl, coef, no_token_term, 0.8)
+    assert torch.allclose(g / 0.8, g_ref)  # z / T: the chain rule's 1/T is the head's to apply
+    # the advantage -g/p is centred under p (Prop. 3.1): each row of the gradient sums to 0
     assert torch.allclose(g.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    # the sampled-token part: d log pi(y)/dz = onehot - p
+    one = torch.ones(5, dtype=torch.float64)
+    g_tok = sdpg.logit_grad(z.detach(), None, y, lse_p, lse_q, kl, coef, one, 0.8)
+    (want,) = torch.autograd.grad(logp[range(5), y].sum(), z)
+    assert torch.allclose(g_tok / 0.8, want)
 
 
 # ------------------------------------------------------------------------------------------
@@ -338,7 +349,8 @@ def test_microbatch_invariance():
 
 
 def test_head_chunk_size_from_budget():
-    assert sdpg.head_chunk_size(151936, 1024) == 2**30 // (151936 * 20)
+    assert sdpg.head_chunk_size(151936, 1024, "cuda") == 2**30 // (151936 * 6)
+    assert sdpg.head_chunk_size(151936, 1024, "cpu") == 2**30 // (151936 * 32)
     assert sdpg.head_chunk_size(10**9, 1) == 1
 
 
