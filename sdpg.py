@@ -800,13 +800,23 @@ def train(cfg):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    if rank == 0:
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0:  # a fresh run starts a fresh metrics file; a resumed one keeps the earlier steps
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        earlier = []
+        if cfg.resume and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                earlier = [line for line in f if json.loads(line)["step"] < start]
+        with open(metrics_path, "w") as f:
+            f.writelines(earlier)
 
-    accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids) if start == 1 and eval_set else None
+    if start == 1 and eval_set:  # the starting point: step 0
+        accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(step=0, accuracy=accuracy)) + "\n")
     bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", disable=rank != 0, initial=start - 1,
                total=cfg.total_steps)
     for step in bar:
@@ -840,6 +850,7 @@ def train(cfg):
         timings["ref_s"] = time.perf_counter() - t0
         # 5. update: teacher forward, student forward, fused head, AdamW
         t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
         sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
         scheduler.step()
         timings["teacher_s"] = sums["teacher_s"]
@@ -863,8 +874,9 @@ def train(cfg):
             max_len = torch.tensor(local[-1], device=device)
             dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
             tot["max_len"] = max_len.item()
-        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps:
-            accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids) if eval_set else None
+        accuracy = None  # logged on the steps that evaluate
+        if eval_set and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+            accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
         seconds = time.perf_counter() - t_step
         row = dict(step=step, reward=tot["reward"] / tot["samples"], accuracy=accuracy,
                    zero_spread_frac=tot["flat"] / tot["groups"], gate_ratio=tot["gated"] / tot["samples"],
@@ -875,7 +887,7 @@ def train(cfg):
                    response_len_max=tot["max_len"], truncated_frac=tot["truncated"] / tot["samples"],
                    loss=sums["loss"] / max(1, sums["steps"]), grad_norm=sums["grad_norm"] / max(1, sums["steps"]),
                    skipped_updates=tot["skipped"], teacher_tokens=tot["teacher_tokens"],
-                   lr=scheduler.get_last_lr()[0], **timings, step_s=seconds,
+                   lr=lr, **timings, step_s=seconds,
                    tokens_per_s=tot["tokens"] / seconds,
                    peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
         if rank == 0:

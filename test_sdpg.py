@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -41,9 +42,9 @@ def make_tokenizer(pad=True):
     return fast
 
 
-def make_model_dir(path, tie=True, pad=True):
+def make_model_dir(path, tie=True):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = make_tokenizer(pad)
+    tok = make_tokenizer()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tok) + 7,  # ids past len(tokenizer) exist, as in Qwen
                          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -352,6 +353,205 @@ def test_head_chunk_size_from_budget():
     assert sdpg.head_chunk_size(151936, 1024, "cuda") == 2**30 // (151936 * 6)
     assert sdpg.head_chunk_size(151936, 1024, "cpu") == 2**30 // (151936 * 32)
     assert sdpg.head_chunk_size(10**9, 1) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Verifier
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [
+    ("So the total is #### 72", 72), ("#### $1,000.", 1000), ("####10", 10), ("#### -7", -7),
+    ("#### 10.00", 10), ("The answer is 10.00.", 10), ("We get -7", -7), ("#### 1,234,567", 1234567),
+    ("#### $ 5", 5), ("#### 3.5", Fraction(7, 2)), ("#### 0.50", Fraction(1, 2)), ("#### 0", 0),
+    ("first #### 3 then #### 4", 4), ("#### 12 apples, not 13", 12), ("#### 8\n", 8),
+    ("5 + 6 = 11", 11), ("It costs $18.", 18), ("no number at all", None), ("", None),
+    ("#### none; earlier 9", 9), ("#### −4", -4), ("Total: 1,000 dollars", 1000),
+    ("#### 007", 7), ("The result is 2.", 2), ("x=3, y=4, so #### 12.", 12), ("-$3", -3),
+    ("#### 100,000,000", 100000000), ("#### 42<|im_end|>", 42),
+])
+def test_extract_answer(text, want):
+    got = sdpg.extract_answer(text)
+    assert got == (None if want is None else Fraction(want))
+
+
+def test_reward_normalises_both_sides():
+    assert sdpg.reward("... #### $1,000.", "1000") == 1.0
+    assert sdpg.reward("#### 10.00", "Natalia sold 10 clips.\n#### 10") == 1.0
+    assert sdpg.reward("#### 11", "10") == 0.0 and sdpg.reward("I do not know", "10") == 0.0
+
+
+def test_resolve_model_name(tmp_path):
+    assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert sdpg.resolve_model_name("Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
+    assert sdpg.resolve_model_name("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
+    assert sdpg.resolve_model_name(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(sdpg.UserError):
+        sdpg.resolve_model_name("./no/such/model")
+
+
+def test_gsm8k_rows_strip_calculator_annotations(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": "Ann has 48 cards and gives half away. How many are left?",
+             "answer": "Half of 48 is 48/2=<<48/2=24>>24.\nSo 24 are left.\n#### 24"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
+    (p,) = sdpg.load_problems("gsm8k", "train")
+    assert p["answer"] == "24" and "<<" not in p["solution"] and p["solution"].endswith("So 24 are left.")
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts, rollouts and masks
+# ------------------------------------------------------------------------------------------
+def test_teacher_prompt_holds_context_and_responses_align(tiny):
+    from transformers import AutoModelForCausalLM
+    tok = make_tokenizer()
+    problems = sdpg.load_problems(tiny["data"], "train")[:2]
+    built = sdpg.build_prompts(tok, problems, 4096, with_teacher=True)
+    for p in built:
+        student, teacher = tok.decode(p["student_ids"]), tok.decode(p["teacher_ids"])
+        assert p["question"] in student and "[Hint]" not in student and "correct answer is 7" in teacher
+        assert p["solution"] == "" or (p["solution"] in teacher and p["solution"] not in student)
+        assert student.startswith("<|im_start|>user") and teacher.endswith("<|im_start|>assistant\n")
+    # masks: up to and including the first stop token (EOS == pad), never past it
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    stop = {eos, im_end}
+    assert sdpg.cut_at_stop([5, 6, im_end, eos, eos], stop) == ([5, 6, im_end], False)
+    assert sdpg.cut_at_stop([eos, eos], stop) == ([eos], False)
+    assert sdpg.cut_at_stop([5, 6, 7], stop) == ([5, 6, 7], True)
+    # the hidden states picked for each response token predict exactly that token
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64)
+    responses = [[5, 9, im_end], [7, eos]]
+    prompts = [p["student_ids"] for p in built]
+    roll = sdpg.Rollouts(prompts, [p["teacher_ids"] for p in built], responses, None, None)
+    cfg = sdpg.Config(micro_batch_tokens=10**6)
+    got = sdpg.score_tokens(model, prompts, roll, cfg, eos)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
+        want = logits[len(p) - 1: len(p) - 1 + len(r)].gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        assert torch.allclose(got[i].double(), want, atol=1e-5)
+    # teacher rows: same response ids after a different prompt
+    hs = sdpg.response_hidden(model, prompts, responses, eos)
+    ht = sdpg.response_hidden(model, roll.teacher_ids, responses, eos)
+    assert hs.shape == ht.shape == (5, model.config.hidden_size) and not torch.allclose(hs, ht)
+
+
+def test_micro_batches_respect_the_budget():
+    lengths = [5, 9, 3, 12, 4, 4]
+    batches = sdpg.micro_batches(lengths, 20)
+    assert sum(batches, []) == list(range(6))
+    assert all(len(b) * max(lengths[i] for i in b) <= 20 or len(b) == 1 for b in batches)
+
+
+# ------------------------------------------------------------------------------------------
+# The training loop, end to end
+# ------------------------------------------------------------------------------------------
+def finite_row(row):
+    return all(v is None or math.isfinite(v) for v in row.values())
+
+
+def test_train_subprocess_writes_metrics_and_loadable_checkpoint(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"),
+                           *run_args(tiny, out, "--ppo-minibatches", "2", "--beta-warmup", "0")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(finite_row(r) for r in rows)
+    for key in ("reward", "zero_spread_frac", "gate_ratio", "beta", "opd_kl", "ref_kl", "clip_frac",
+                "entropy", "response_len", "response_len_max", "truncated_frac", "grad_norm", "lr",
+                "sample_s", "verify_s", "ref_s", "teacher_s", "update_s", "tokens_per_s", "peak_gpu_gb"):
+        assert key in rows[1]
+    assert rows[-1]["accuracy"] is not None and rows[1]["accuracy"] is None
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert os.path.exists(out / "checkpoint-2" / "model.safetensors")
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp")]
+
+
+def test_learning_raises_reward(tiny, tmp_path):
+    data = write_problems(tmp_path / "p32.jsonl", n=32)
+    out = tmp_path / "learn"
+    sdpg.main(["--model", tiny["model"], "--task", data, "--out-dir", str(out), "--device", "cpu",
+               "--batch-size", "8", "--group-size", "8", "--max-response-tokens", "3", "--total-steps", "20",
+               "--eval-n", "8", "--eval-every", "0", "--save-every", "0", "--lr", "1e-2", "--lr-warmup", "1",
+               "--beta", "0.01", "--beta-warmup", "0", "--beta-decay", "0"])
+    rewards = [r["reward"] for r in read_metrics(out)[1:]]
+    assert sum(rewards[:4]) / 4 < 0.1 and sum(rewards[-5:]) / 5 > 0.3, rewards
+    rows = read_metrics(out)[1:]
+    assert any(r["teacher_tokens"] > 0 and r["opd_kl"] is not None for r in rows)  # distillation ran
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    from safetensors.torch import load_file
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    extra = ("--total-steps", "4", "--save-every", "2", "--ppo-minibatches", "2", "--beta-warmup", "0")
+    sdpg.main(run_args(tiny, full, *extra)[:-8] + list(extra))
+    sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + ["--resume", str(full / "checkpoint-2")])
+    timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in ("tokens_per_s",)}
+    assert [timing(r) for r in read_metrics(full)[-2:]] == [timing(r) for r in read_metrics(resumed)]
+    a, b = load_file(full / "checkpoint-4" / "model.safetensors"), load_file(resumed / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, monkeypatch):
+    loads = []
+    real = sdpg.load_model
+    monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    hidden_calls = []
+    real_hidden = sdpg.response_hidden
+    monkeypatch.setattr(sdpg, "response_hidden", lambda m, p, *a: hidden_calls.append(p) or real_hidden(m, p, *a))
+    sdpg.main(run_args(tiny, tmp_path / "grpo", "--beta", "0", "--alpha", "0"))
+    rows = read_metrics(tmp_path / "grpo")[1:]
+    assert len(loads) == 1  # the policy only: no reference model
+    assert all(r["teacher_tokens"] == 0 and r["opd_kl"] is None and r["ref_kl"] is None for r in rows)
+    assert hidden_calls and all("[Hint]" not in make_tokenizer().decode(p[0]) for p in hidden_calls)
+    loads.clear()
+    sdpg.main(run_args(tiny, tmp_path / "sdpg", "--beta-warmup", "0"))
+    assert len(loads) == 2  # policy and frozen reference
+
+
+def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
+    import transformers
+    assert make_tokenizer(pad=False).pad_token is None
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: make_tokenizer(pad=False))
+    sdpg.main(run_args(tiny, tmp_path / "out", "--total-steps", "1"))
+    assert finite_row(read_metrics(tmp_path / "out")[-1])
+
+
+def write_json(path, rows):
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def bad_inputs(tiny, tmp):
+    return {
+        "unknown task": (["--task", "mathqa"], "unknown task"),
+        "missing file": (["--task", str(tmp / "missing.jsonl")], "does not exist"),
+        "missing fields": (["--task", write_json(tmp / "f.jsonl", [{"question": "1+1?"}])], "lacks"),
+        "empty data": (["--task", write_json(tmp / "e.jsonl", [])], "no problems"),
+        "bad model path": (["--model", str(tmp / "no-model")], "does not exist"),
+        "prompts too long": (["--max-prompt-tokens", "10"], "no usable training problems"),
+        "bad kl mode": (["--kl-mode", "xkl"], "kl-mode"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_no_output(tiny, tmp_path, capsys):
+    for name, (args, message) in bad_inputs(tiny, tmp_path).items():
+        out = tmp_path / name.replace(" ", "-")
+        with pytest.raises(SystemExit) as exit:
+            sdpg.main(run_args(tiny, out) + args)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert exit.value.code == 2 and len(err) == 1 and message in err[0], (name, err)
+        assert not out.exists(), name
+
+
+def test_bad_input_subprocess_has_no_traceback(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"),
+                           *run_args(tiny, tmp_path / "o", "--task", str(tmp_path / "missing.jsonl"))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data file")
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------
