@@ -84,7 +84,7 @@ class Config:
     lr_warmup: int = opt(10, "steps of linear learning-rate warmup")
     ppo_minibatches: int = opt(1, "optimizer steps per rollout batch (>1 makes rho differ from 1)")
     micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
-    head_memory_mb: int = opt(1024, "memory budget of the fused head's logit chunk")
+    head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
     # evaluation, logging, checkpoints
@@ -502,7 +502,7 @@ class FusedSDPGHead(torch.autograd.Function):
 
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
                    ref_logp, n_tokens, *, alpha=1e-3, kl_mode="urkl", eps_low=0.2, eps_high=0.28,
-                   clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=1024, matmul_dtype=None):
+                   clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=2048, matmul_dtype=None):
     """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by
     n_tokens (the global response-token count, so micro-batches and ranks add up exactly).
 
@@ -608,7 +608,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     sums = dict(tokens=0.0, loss=0.0, kl=0.0, kl_tokens=0.0, ref_kl=0.0, entropy=0.0, clipped=0.0,
                 approx_kl=0.0, teacher_tokens=0.0, grad_norm=0.0, skipped=0.0, teacher_s=0.0, steps=0.0)
     model.train()
-    for minibatch in torch.arange(S).chunk(cfg.ppo_minibatches):
+    for minibatch in torch.tensor_split(torch.arange(S), cfg.ppo_minibatches):  # same count on every rank
         minibatch = minibatch.tolist()
         lengths = [len(rollouts.response_ids[i]) for i in minibatch]
         n_tokens = all_sum(torch.tensor(float(sum(lengths)), device=device)).item()
@@ -754,8 +754,11 @@ def train(cfg):
         raise UserError(f"unknown --kl-mode {cfg.kl_mode!r}: use urkl, ufkl, fkl or rkl")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
-    if cfg.group_size < 1 or cfg.total_steps < 1:
-        raise UserError("--group-size and --total-steps must be at least 1")
+    if cfg.group_size < 1 or cfg.total_steps < 1 or cfg.ppo_minibatches < 1:
+        raise UserError("--group-size, --total-steps and --ppo-minibatches must be at least 1")
+    if cfg.ppo_minibatches > cfg.batch_size // world * cfg.group_size:
+        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the {cfg.batch_size // world * cfg.group_size} "
+                        "samples each rank holds")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if cfg.device == "auto":

@@ -555,6 +555,85 @@ def test_bad_input_subprocess_has_no_traceback(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# DDP on CPU: gloo, two processes
+# ------------------------------------------------------------------------------------------
+def injected_rollouts(model_dir, seed=0):
+    """A fixed batch of 4 groups x 2 samples, with teacher prompts, advantages, gates and
+    reference log-probs, as one training step would hand to update_policy."""
+    g = torch.Generator().manual_seed(seed)
+    tok = make_tokenizer()
+    built = sdpg.build_prompts(tok, sdpg.load_problems(write_problems(os.path.join(model_dir, "..", "ddp.jsonl")),
+                                                       "train")[:4], 4096, with_teacher=True)
+    group = [p for p in built for _ in range(2)]
+    responses = [torch.randint(1, 60, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (8,), generator=g)]
+    advantages = torch.tensor([1.0, -1.0, 0.7, -0.7, 0.0, 0.0, -1.0, 1.0])
+    return sdpg.Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group], responses,
+                         advantages, 0.5 * (advantages > 0).float(),
+                         ref_logp=[-torch.rand(len(r), generator=g) * 4 for r in responses])
+
+
+def one_update(model_dir, indices):
+    """One optimizer step (SGD, so the step is the gradient itself) on the samples `indices`."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    full = injected_rollouts(model_dir)
+    pick = lambda xs: [xs[i] for i in indices]
+    rollouts = sdpg.Rollouts(pick(full.student_ids), pick(full.teacher_ids), pick(full.response_ids),
+                             full.advantages[indices], full.kl_weight[indices], ref_logp=pick(full.ref_logp))
+    # one sample per micro-batch: the same shapes in both runs, only the order of the sums differs
+    cfg = sdpg.Config(micro_batch_tokens=1, grad_clip=1e9, alpha=0.1)
+    sdpg.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), rollouts, cfg, 0)
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+def ddp_worker(rank, world, store, model_dir, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        delta = one_update(model_dir, list(range(rank * 2, 8, world * 2)) + list(range(rank * 2 + 1, 8, world * 2)))
+        if rank == 0:
+            torch.save(delta, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_update_equals_single_process(tiny, tmp_path):
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+    single = one_update(tiny["model"], list(range(8)))
+    out = tmp_path / "ddp_delta.pt"
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "store"), tiny["model"], str(out)), nprocs=2)
+    ddp = torch.load(out)
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
+    assert single.keys() == ddp.keys() and rel(flat(ddp), flat(single)) < 1e-6  # the update itself
+    start = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+    for k in single:  # the parameters after the step
+        assert rel(start[k] + ddp[k], start[k] + single[k]) < 1e-6, k
+    # the check can fail: one rank's half of the batch alone gives another update
+    assert rel(flat(one_update(tiny["model"], [0, 1, 4, 5])), flat(single)) > 0.1
+
+
+def test_torchrun_two_processes(tiny, tmp_path):
+    out = tmp_path / "ddp-run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "sdpg.py"), *run_args(tiny, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(finite_row(r) for r in rows)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "config.json", "metrics.jsonl"]
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                left += [pid] if str(out).encode() in f.read() else []
+        except OSError:
+            pass
+    assert not left  # no process left behind
+
+
+# ------------------------------------------------------------------------------------------
 # Benchmark (not a test): python test_sdpg.py --bench
 # ------------------------------------------------------------------------------------------
 def naive_head(hs, ht, w, tokens, adv, kl_w, ref, n_tokens):
@@ -580,7 +659,7 @@ def reference_grads(hs, ht, w, tokens, adv, kl_w, ref, n_tokens, chunk=2048):
     return gh, w32.grad
 
 
-def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=1024):
+def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, H={h}, V={v}, {dtype}, "
           f"torch {torch.__version__}, head chunk {sdpg.head_chunk_size(v, memory_mb)} rows ({memory_mb} MB budget)")
@@ -631,7 +710,7 @@ def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=1024):
 
 
 if __name__ == "__main__" and "--bench" in sys.argv:
-    budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 1024
+    budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 2048
     if torch.cuda.is_available():
         bench([8192, 32768], 896, 151936, torch.bfloat16, "cuda", memory_mb=budget)
     else:
