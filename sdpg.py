@@ -761,10 +761,12 @@ def train(cfg):
                         "samples each rank holds")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
-    if cfg.device == "auto":
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{torch.cuda.current_device()}"
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"unknown --device {cfg.device!r}: use auto, cuda or cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available")
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
 
@@ -783,7 +785,7 @@ def train(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the frozen reference pi_ref is the initial policy, also on resume
-    ref_model = load_model(model_path, cfg, device, torch.bfloat16 if "cuda" in device else torch.float32) if anchor else None
+    ref_model = load_model(model_path, cfg, device) if anchor else None  # same dtype: pi_ref = pi_0 exactly
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
     stop_ids = stop_token_ids(tokenizer, model)

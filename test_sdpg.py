@@ -517,6 +517,23 @@ def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
     assert finite_row(read_metrics(tmp_path / "out")[-1])
 
 
+def test_non_finite_update_is_skipped_and_repeats_abort(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    before = [p.detach().clone() for p in model.parameters()]
+    rollouts = injected_rollouts(tiny["model"])
+    rollouts.ref_logp[3][0] = float("nan")
+    sums = sdpg.update_policy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rollouts, sdpg.Config(), 0)
+    assert sums["skipped"] == 1 and sums["steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+    nan_loss = lambda logp, *a: logp * float("nan")
+    monkeypatch.setattr(sdpg, "sampled_token_loss", nan_loss)
+    with pytest.raises(SystemExit) as exit:
+        sdpg.main(run_args(tiny, tmp_path / "nan", "--total-steps", "5", "--max-bad-steps", "2"))
+    assert exit.value.code == 2 and "2 updates in a row" in capsys.readouterr().err
+    assert [r["skipped_updates"] for r in read_metrics(tmp_path / "nan")[1:]] == [1.0]
+
+
 def write_json(path, rows):
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
