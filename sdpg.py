@@ -284,14 +284,12 @@ def autocast(device):
 # ------------------------------------------------------------------------------------------
 # Verifier: binary reward from the final number (Algorithm 1, line 7)
 # ------------------------------------------------------------------------------------------
-NUMBER = re.compile(r"-?\$?-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+NUMBER = re.compile(r"(?:(?<![\w.)])-)?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a '-' after a digit is not a sign
 
 
 def parse_number(text):
     """'$1,000' -> 1000, '10.00' -> 10, '-7' -> -7, as an exact Fraction."""
-    s = text.replace("$", "").replace(",", "")
-    negative = s.count("-") % 2 == 1
-    return -Fraction(s.replace("-", "")) if negative else Fraction(s.replace("-", ""))
+    return Fraction(text.replace("$", "").replace(",", ""))
 
 
 def extract_answer(text):

@@ -313,6 +313,17 @@ def test_fused_head_bf16_within_tolerance():
     assert rel(loss, want) < 1e-2 and rel(gh, wh) < 2e-2 and rel(gw, ww) < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled path)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_head_on_cuda_matches_float64(dtype, tol):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hs, ht, w, tokens, adv, kl_w, old, ref = (t.cuda() for t in head_inputs(n=300, h=64, v=1000))
+    hs, ht, w = (t.to(dtype) for t in (hs, ht, w))
+    (loss, gh, gw, _), (want, wh, ww) = fused_and_naive(hs, ht, w, tokens, adv, kl_w, old, ref, chunk=128,
+                                                        temperature=0.7)
+    assert rel(loss, want) < tol and rel(gh, wh) < tol and rel(gw, ww) < tol
+
+
 def test_head_never_allocates_tokens_by_vocab():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -367,6 +378,7 @@ def test_head_chunk_size_from_budget():
     ("#### none; earlier 9", 9), ("#### −4", -4), ("Total: 1,000 dollars", 1000),
     ("#### 007", 7), ("The result is 2.", 2), ("x=3, y=4, so #### 12.", 12), ("-$3", -3),
     ("#### 100,000,000", 100000000), ("#### 42<|im_end|>", 42),
+    ("read pages 5-7", 7), ("3-2=1", 1), ("x = -3", -3),
 ])
 def test_extract_answer(text, want):
     got = sdpg.extract_answer(text)
