@@ -636,15 +636,16 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             loss.backward()
             loss_sum += loss.detach()
             logp, kl, entropy = stats.float()                                   # (n,) each
-            log_ratio = logp - (old if old is not None else logp)               # log rho (n,)
+            log_rho = logp - old if old is not None else torch.zeros_like(logp)   # (n,)
+            rho = log_rho.exp()                                                 # (n,)
+            distilled = (kl_w != 0) & (teacher is not None)                     # (n,)
+            clipped = ((adv > 0) & (rho > 1 + cfg.eps_high)) | ((adv < 0) & (rho < 1 - cfg.eps_low))
+            ref_kl = ref_kl_penalty(logp, ref, cfg.kl_mode) if ref is not None else torch.zeros_like(logp)
+            totals = torch.stack([entropy.sum(), (kl * distilled).sum(), distilled.sum(), ref_kl.sum(),
+                                  (rho - 1 - log_rho).sum(), clipped.sum()]).tolist()  # one sync
+            for key, value in zip(("entropy", "kl", "kl_tokens", "ref_kl", "approx_kl", "clipped"), totals):
+                sums[key] += value
             sums["tokens"] += len(tokens)
-            sums["entropy"] += entropy.sum().item()
-            sums["kl"] += (kl * (kl_w != 0)).sum().item()
-            sums["kl_tokens"] += (kl_w != 0).sum().item() if teacher is not None else 0
-            sums["ref_kl"] += ref_kl_penalty(logp, ref, cfg.kl_mode).sum().item() if ref is not None else 0.0
-            sums["approx_kl"] += (log_ratio.exp() - 1 - log_ratio).sum().item()
-            sums["clipped"] += (((adv > 0) & (log_ratio.exp() > 1 + cfg.eps_high))
-                                | ((adv < 0) & (log_ratio.exp() < 1 - cfg.eps_low))).sum().item()
         all_reduce_grads(params)
         loss_total = all_sum(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()

@@ -445,6 +445,14 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     assert hs.shape == ht.shape == (5, model.config.hidden_size) and not torch.allclose(hs, ht)
 
 
+def test_long_prompts_are_skipped_with_a_warning(tiny, capsys):
+    problems = sdpg.load_problems(tiny["data"], "train")
+    problems[1] = dict(problems[1], question="How many? " * 100)
+    kept = sdpg.build_prompts(make_tokenizer(), problems, 700, with_teacher=True)
+    assert len(kept) == len(problems) - 1 and problems[1]["question"] not in [p["question"] for p in kept]
+    assert "skipped 1 of 12 prompts" in capsys.readouterr().err
+
+
 def test_micro_batches_respect_the_budget():
     lengths = [5, 9, 3, 12, 4, 4]
     batches = sdpg.micro_batches(lengths, 20)
@@ -517,8 +525,9 @@ def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, mo
     assert all(r["teacher_tokens"] == 0 and r["opd_kl"] is None and r["ref_kl"] is None for r in rows)
     assert hidden_calls and all("[Hint]" not in make_tokenizer().decode(p[0]) for p in hidden_calls)
     loads.clear()
-    sdpg.main(run_args(tiny, tmp_path / "sdpg", "--beta-warmup", "0"))
+    sdpg.main(run_args(tiny, tmp_path / "sdpg", "--beta-warmup", "0", "--grad-checkpointing"))
     assert len(loads) == 2  # policy and frozen reference
+    assert finite_row(read_metrics(tmp_path / "sdpg")[-1])
 
 
 def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
