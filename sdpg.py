@@ -736,11 +736,13 @@ def step_prompts(problems, step, cfg):
     """The global batch of step k (1-based): a fresh permutation each epoch, seeded, so the data
     position is a function of the step and resumes exactly. Each rank takes whole groups."""
     rank, world = rank_and_world()
-    batch = []
+    orders, batch = {}, []
     for pos in range((step - 1) * cfg.batch_size, step * cfg.batch_size):
         epoch, i = divmod(pos, len(problems))
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        batch.append(problems[order[i]])
+        if epoch not in orders:
+            seed = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            orders[epoch] = torch.randperm(len(problems), generator=seed)
+        batch.append(problems[orders[epoch][i]])
     return batch[rank::world]
 
 
@@ -796,6 +798,10 @@ def train(cfg):
     start, bad_steps = 1, 0
     if cfg.resume:
         state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
+        changed = [k for k, v in state["config"].items() if k not in ("resume", "out_dir") and getattr(cfg, k) != v]
+        if changed and rank == 0:
+            print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
+                  file=sys.stderr)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, bad_steps = state["step"] + 1, state["bad_steps"]
