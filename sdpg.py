@@ -116,6 +116,13 @@ def all_sum(t):
     return t
 
 
+def all_max(t):
+    """Maximum of a tensor over ranks in place (identity on one process)."""
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_grads(params, bucket_numel=2**26):
     """Sum gradients over ranks. The loss is already divided by the global token count, so the
     sum is the gradient of the global token-mean, equal to one process on the whole batch."""
@@ -732,6 +739,28 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
         dist.barrier()
 
 
+def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
+    """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
+    keys = ["tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl", "teacher_tokens",
+            "skipped", "reward", "samples", "flat_groups", "groups", "gated", "truncated"]
+    groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
+    local = [sums[k] for k in keys[:9]] + [rewards.sum().item(), len(rewards),
+                                           (groups.min(1).values == groups.max(1).values).sum().item(),
+                                           len(groups), gate.sum().item(), sum(truncated)]
+    t = dict(zip(keys, all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
+    longest = all_max(torch.tensor(float(max(map(len, responses))), device=device)).item()
+    steps = max(1.0, sums["steps"])
+    return dict(reward=t["reward"] / t["samples"], zero_spread_frac=t["flat_groups"] / t["groups"],
+                gate_ratio=t["gated"] / t["samples"],
+                opd_kl=t["kl"] / t["kl_tokens"] if t["kl_tokens"] else None,
+                ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
+                clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
+                entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
+                response_len_max=longest, truncated_frac=t["truncated"] / t["samples"],
+                loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps, skipped_updates=t["skipped"],
+                teacher_tokens=t["teacher_tokens"], tokens=t["tokens"])
+
+
 def step_prompts(problems, step, cfg):
     """The global batch of step k (1-based): a fresh permutation each epoch, seeded, so the data
     position is a function of the step and resumes exactly. Each rank takes whole groups."""
@@ -870,40 +899,21 @@ def train(cfg):
             raise UserError(f"{bad_steps} updates in a row had a non-finite loss or gradient norm; "
                             f"stopping at step {step} (try a lower --lr)")
 
-        # 6. metrics, summed over ranks
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64)
-        spread = rewards.view(-1, cfg.group_size).std(1, unbiased=False) > 0 if cfg.group_size > 1 \
-            else torch.zeros(len(problems), dtype=torch.bool)
-        keys = ["tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl", "teacher_tokens", "skipped"]
-        local = [sums[k] for k in keys] + [rewards.sum().item(), len(rewards), (~spread).sum().item(),
-                                           len(problems), gate.sum().item(), sum(truncated),
-                                           lengths.max().item() if len(lengths) else 0.0]
-        tot = dict(zip(keys + ["reward", "samples", "flat", "groups", "gated", "truncated", "max_len"],
-                       all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
-        if distributed():
-            max_len = torch.tensor(local[-1], device=device)
-            dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
-            tot["max_len"] = max_len.item()
-        accuracy = None  # logged on the steps that evaluate
+        # 6. metrics, summed over ranks; evaluation
+        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, device),
+                   beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step)
+        row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
+        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        row["accuracy"] = None  # logged on the steps that evaluate
         if eval_set and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
-            accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
-        seconds = time.perf_counter() - t_step
-        row = dict(step=step, reward=tot["reward"] / tot["samples"], accuracy=accuracy,
-                   zero_spread_frac=tot["flat"] / tot["groups"], gate_ratio=tot["gated"] / tot["samples"],
-                   beta=beta_k, opd_kl=tot["kl"] / tot["kl_tokens"] if tot["kl_tokens"] else None,
-                   ref_kl=tot["ref_kl"] / tot["tokens"] if anchor else None,
-                   clip_frac=tot["clipped"] / tot["tokens"], approx_kl=tot["approx_kl"] / tot["tokens"],
-                   entropy=tot["entropy"] / tot["tokens"], response_len=tot["tokens"] / tot["samples"],
-                   response_len_max=tot["max_len"], truncated_frac=tot["truncated"] / tot["samples"],
-                   loss=sums["loss"] / max(1, sums["steps"]), grad_norm=sums["grad_norm"] / max(1, sums["steps"]),
-                   skipped_updates=tot["skipped"], teacher_tokens=tot["teacher_tokens"],
-                   lr=lr, **timings, step_s=seconds,
-                   tokens_per_s=tot["tokens"] / seconds,
-                   peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+            t0 = time.perf_counter()
+            row["accuracy"] = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
+            row["eval_s"] = time.perf_counter() - t0
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward']:.3f}", acc="-" if accuracy is None else f"{accuracy:.3f}",
+            bar.set_postfix(reward=f"{row['reward']:.3f}",
+                            acc="-" if row["accuracy"] is None else f"{row['accuracy']:.3f}",
                             kl="-" if row["opd_kl"] is None else f"{row['opd_kl']:.3g}")
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
