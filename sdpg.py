@@ -425,6 +425,8 @@ def cuda_compiled(fn):
         if args[0].is_cuda and state["ok"]:
             try:
                 return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:  # no Triton, an old GPU, ...: correct, only slower
                 print(f"warning: torch.compile of {fn.__name__} failed ({type(e).__name__}); "
                       "running it eagerly", file=sys.stderr)
