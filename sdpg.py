@@ -37,7 +37,6 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 

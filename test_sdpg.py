@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sdpg
 
@@ -92,8 +91,9 @@ def read_metrics(out):
 # ------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    mean, std = 0.25, math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)  # unbiased
-    want = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-6)
+    mean = 0.25
+    std = math.sqrt(((1 - mean) ** 2 + 3 * mean ** 2) / 3)  # unbiased: divide by G - 1
+    want = (r - mean) / (std + 1e-6)
     assert torch.allclose(sdpg.group_advantages(r, 4), want, atol=1e-6)
 
 
