@@ -588,18 +588,18 @@ def per_token(values, lengths):
     return torch.repeat_interleave(values, torch.as_tensor(lengths, device=values.device))
 
 
-def score_tokens(model, prompts, rollouts, cfg, pad_id):
-    """log pi(y_t) of the sampled tokens under `model`, no grad, per sample: list of (|y_i|,)."""
+def score_tokens(model, rollouts, cfg, pad_id):
+    """log pi(y_t | x, y<t) of the sampled tokens under `model`, no grad: a list of (|y_i|,)."""
     weight, out = model.get_output_embeddings().weight, []
     dtype = torch.bfloat16 if weight.is_cuda else None
-    for mb in micro_batches([len(prompts[i]) + len(rollouts.response_ids[i]) for i in range(len(prompts))],
-                            cfg.micro_batch_tokens):
-        resp = [rollouts.response_ids[i] for i in mb]
+    prompts, responses = rollouts.student_ids, rollouts.response_ids
+    for mb in micro_batches([len(p) + len(r) for p, r in zip(prompts, responses)], cfg.micro_batch_tokens):
+        resp = [responses[i] for i in mb]
         with torch.no_grad():
             hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id)  # (n, H)
-        tokens = torch.tensor(sum(resp, []), device=weight.device)
-        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, matmul_dtype=dtype).float()
-        out.extend(logp.split([len(r) for r in resp]))
+        tokens = torch.tensor(sum(resp, []), device=weight.device)                 # (n,)
+        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, matmul_dtype=dtype)  # (n,)
+        out.extend(logp.float().split([len(r) for r in resp]))
     return out
 
 
@@ -883,10 +883,10 @@ def train(cfg):
         rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
                             responses, advantages, beta_k * gate)
         if anchor:
-            rollouts.ref_logp = score_tokens(ref_model, rollouts.student_ids, rollouts, cfg, pad_id)
+            rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id)
         if cfg.ppo_minibatches > 1:
             model.eval()
-            rollouts.old_logp = score_tokens(model, rollouts.student_ids, rollouts, cfg, pad_id)
+            rollouts.old_logp = score_tokens(model, rollouts, cfg, pad_id)
         timings["ref_s"] = time.perf_counter() - t0
         # 5. update: teacher forward, student forward, fused head, AdamW
         t0 = time.perf_counter()

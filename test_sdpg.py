@@ -434,7 +434,7 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     prompts = [p["student_ids"] for p in built]
     roll = sdpg.Rollouts(prompts, [p["teacher_ids"] for p in built], responses, None, None)
     cfg = sdpg.Config(micro_batch_tokens=10**6)
-    got = sdpg.score_tokens(model, prompts, roll, cfg, eos)
+    got = sdpg.score_tokens(model, roll, cfg, eos)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
         want = logits[len(p) - 1: len(p) - 1 + len(r)].gather(1, torch.tensor(r)[:, None]).squeeze(1)
