@@ -97,6 +97,12 @@ class UserError(Exception):
     """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
 
 
+def first_line(e):
+    """An exception as one line, for UserError messages."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 # ------------------------------------------------------------------------------------------
 # Distributed helpers: a plain `python sdpg.py` run never touches torch.distributed
 # ------------------------------------------------------------------------------------------
@@ -174,8 +180,11 @@ def load_problems(task, split):
     """Rows of {question, answer, solution}: answer holds the final number, solution the
     worked reference (c) or ''."""
     if task == "gsm8k":
-        import datasets  # imported only here: the GPU benchmark machines have no `datasets`
-        rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        try:
+            import datasets  # imported only where a Hub data set is loaded
+            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        except Exception as e:  # no `datasets`, no network, ...
+            raise UserError(f"cannot load openai/gsm8k ({split}): {first_line(e)}") from None
         return [{"question": r["question"], "answer": r["answer"].rsplit("####", 1)[-1].strip(),
                  # the reference solution without its <<48/2=24>> calculator annotations
                  "solution": re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip()}
@@ -195,7 +204,7 @@ def load_problems(task, split):
             import datasets
             rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
     except (ValueError, OSError) as e:
-        raise UserError(f"cannot read {task}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read {task}: {first_line(e)}") from None
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{task} holds no problems")
     for i, r in enumerate(rows):
@@ -676,7 +685,7 @@ def load_model(path, cfg, device, dtype=torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot load model {path!r}: {first_line(e)}") from None
     return model.to(device)
 
 
@@ -685,7 +694,7 @@ def load_tokenizer(path, cfg):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {path!r}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {path!r}: {first_line(e)}") from None
     if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

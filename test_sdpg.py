@@ -408,6 +408,12 @@ def test_gsm8k_rows_strip_calculator_annotations(monkeypatch):
     (p,) = sdpg.load_problems("gsm8k", "train")
     assert p["answer"] == "24" and "<<" not in p["solution"] and p["solution"].endswith("So 24 are left.")
 
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nsecond line")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(sdpg.UserError, match="cannot load openai/gsm8k \\(test\\): ConnectionError: Couldn't reach"):
+        sdpg.load_problems("gsm8k", "test")
+
 
 # ------------------------------------------------------------------------------------------
 # Prompts, rollouts and masks
