@@ -49,7 +49,7 @@ class Config:
     # model and data
     model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
     task: str = opt("gsm8k", "'gsm8k' or a local .jsonl/.json/.parquet with question, answer[, context]")
-    eval_task: str = opt("", "evaluation data (default: gsm8k test split, or the --task file)")
+    eval_task: str = opt("", "evaluation data; empty: the gsm8k test split, or the --task file")
     trust_remote_code: bool = opt(False, "allow model code from the Hub")
     out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
     seed: int = opt(0, "random seed (each DDP rank adds its rank)")
