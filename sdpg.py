@@ -534,15 +534,15 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
 
 
 @torch.no_grad()
-def sampled_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=1024, matmul_dtype=None):
-    """log pi(y_t) for the reference and old policies, chunked: (N, H) -> (N,)."""
+def sampled_logprobs(hidden, weight, tokens, temperature=1.0, memory_mb=2048, matmul_dtype=None):
+    """log pi(y_t) for the reference and old policies, with the head's chunks and the same
+    log-softmax (logit_stats): (N, H) -> (N,), never (N x V)."""
     dtype = matmul_dtype or hidden.dtype
-    fdt, w = torch.promote_types(dtype, torch.float32), weight.to(dtype)
-    out = []
-    for s in range(0, hidden.shape[0], chunk_size):
-        logits = (hidden[s:s + chunk_size].to(dtype) @ w.T).to(fdt) / temperature  # (c, V)
-        out.append(logits.log_softmax(-1).gather(1, tokens[s:s + chunk_size, None]).squeeze(1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=fdt)
+    w = weight.to(dtype)                                                            # (V, H)
+    chunk = head_chunk_size(weight.shape[0], memory_mb, hidden.device.type)
+    out = [fused_logit_stats(hidden[s:s + chunk].to(dtype) @ w.T, None, tokens[s:s + chunk], temperature)[0]
+           for s in range(0, hidden.shape[0], chunk)]                               # (c,) each
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,7 +607,7 @@ def score_tokens(model, rollouts, cfg, pad_id):
         with torch.no_grad():
             hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                 # (n,)
-        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, matmul_dtype=dtype)  # (n,)
+        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, cfg.head_memory_mb, dtype)  # (n,)
         out.extend(logp.float().split([len(r) for r in resp]))
     return out
 
