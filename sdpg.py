@@ -48,25 +48,26 @@ def opt(default, help):
 class Config:
     # model and data
     model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
-    task: str = opt("gsm8k", "'gsm8k' or a local .jsonl/.json/.parquet with question, answer[, context]")
-    eval_task: str = opt("", "evaluation data; empty: the gsm8k test split, or the --task file")
+    task: str = opt("gsm8k", "'gsm8k', or a .jsonl/.json/.parquet of question/answer[/context] or verl rows")
+    eval_task: str = opt("", "comma-separated evaluation sets; empty: the gsm8k test split, or the --task file")
+    answer_format: str = opt("boxed", "'boxed' (Figure 4's \\boxed{}) or 'hash' (GSM8K's final '#### N'), prompt and verifier")
     trust_remote_code: bool = opt(False, "allow model code from the Hub")
     out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
     seed: int = opt(0, "random seed (each DDP rank adds its rank)")
     device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'")
     # rollouts (Algorithm 1, lines 3-5)
-    batch_size: int = opt(32, "prompts per step, over all ranks (the paper uses 128)")
+    batch_size: int = opt(128, "prompts per step, over all ranks")
     group_size: int = opt(8, "G: sampled responses per prompt")
     max_prompt_tokens: int = opt(1024, "prompts (the teacher's, with c, included) longer than this are skipped")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
-    temperature: float = opt(1.0, "sampling temperature, applied to student and teacher logits alike")
+    temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     gen_batch_size: int = opt(64, "sequences per model.generate call")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
-    beta_warmup: int = opt(50, "T_warm of the beta schedule (0: no warmup)")
-    beta_decay: int = opt(350, "T_decay of the beta schedule (0: no decay)")
+    beta_warmup: int = opt(-1, "T_warm of the beta schedule in steps (-1: T/8, the paper's 50 of 400; 0: none)")
+    beta_decay: int = opt(-1, "T_decay of the beta schedule in steps (-1: 7T/8, the paper's 350 of 400; 0: none)")
     kl_mode: str = opt("urkl", "reference-KL surrogate: urkl | ufkl | fkl | rkl")
     gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
     eps_std: float = opt(1e-6, "eps_std of the group advantage (Eq. 2.1)")
@@ -81,13 +82,14 @@ class Config:
     weight_decay: float = opt(0.1, "AdamW weight decay")
     grad_clip: float = opt(1.0, "max global gradient norm")
     lr_warmup: int = opt(10, "steps of linear learning-rate warmup")
-    ppo_minibatches: int = opt(1, "optimizer steps per rollout batch (>1 makes rho differ from 1)")
+    ppo_minibatches: int = opt(8, "optimizer steps per rollout batch (>1 makes rho differ from 1)")
     micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
     head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
     # evaluation, logging, checkpoints
-    eval_every: int = opt(50, "greedy pass@1 evaluation every N steps (0: only at start and end)")
+    eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)")
+    eval_samples: int = opt(1, "k of mean@k at --temperature (1: greedy pass@1; the paper: mean@32)")
     eval_n: int = opt(0, "evaluate on the first N problems (0: all)")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
     resume: str = opt("", "checkpoint directory to continue from")
@@ -153,16 +155,29 @@ def all_reduce_grads(params, bucket_numel=2**26):
 # ------------------------------------------------------------------------------------------
 # Data: problems x with privileged context c, and the prompts of Figure 4
 # ------------------------------------------------------------------------------------------
-STUDENT_INSTRUCTION = (
-    "Solve the following math problem step by step. Give the final answer as a number after "
-    "####, for example: #### 42.\n{question}\nRemember to end with #### and the final answer."
+ANSWER_FORMATS = {  # Figure 4's answer sentences, and GSM8K's '####' in their place (--answer-format)
+    "boxed": ("Present your final answer inside \\boxed{}, for example \\boxed{42}.",
+              "Remember to put your final answer inside \\boxed{}."),
+    "hash": ("Present your final answer after ####, for example #### 42.",
+             "Remember to put your final answer after ####."),
+}
+STUDENT_PROMPT = "Solve the following math problem step by step. {0}\n{question}\n{1}"
+TEACHER_CONTEXT = "[TEACHER_CONTEXT_TOKEN]"  # the student sees the text before it, the teacher all of it
+HINT = "\n[Hint] The correct answer is {answer}."
+HINT_SOLUTION = (
+    " A common way to solve this is:\n{solution}\n[Instruction] If possible, derive the answer {answer} "
+    "using an alternative, equally rigorous mathematical approach (e.g., algebraic vs geometric, or "
+    "different substitution). If no alternative exists, articulate the standard approach with "
+    "exceptional clarity. Do NOT state that you were given the answer or reference."
 )
-TEACHER_HINT = (
-    "\n[Hint] The correct answer is {answer}.{solution}\n[Instruction] If possible, derive the "
-    "answer {answer} in your own words, with an alternative, equally rigorous approach. If no "
-    "alternative exists, explain the standard approach with exceptional clarity. Do NOT state "
-    "that you were given the answer or a reference."
-)
+
+
+def problem_messages(question, answer, solution):
+    """The user turn of Figure 4: the student prompt, the marker, then the hint c (its first
+    sentence alone where there is no worked solution)."""
+    hint = HINT.format(answer=answer) + (HINT_SOLUTION.format(answer=answer, solution=solution) if solution else "")
+    prompt = STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=question)
+    return [{"role": "user", "content": prompt + TEACHER_CONTEXT + hint}]
 
 
 def resolve_model_name(name):
@@ -177,65 +192,80 @@ def resolve_model_name(name):
 
 
 def load_problems(task, split):
-    """Rows of {question, answer, solution}: answer holds the final number, solution the
-    worked reference (c) or ''."""
+    """Rows of {messages, answer}: a chat whose user turn holds TEACHER_CONTEXT before the
+    privileged context c, and the reference answer. 'gsm8k', our own question/answer[/context]
+    files, or verl's rows (prompt = chat messages, reward_model.ground_truth), used as given."""
     if task == "gsm8k":
         try:
             import datasets  # imported only where a Hub data set is loaded
             rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
         except Exception as e:  # no `datasets`, no network, ...
             raise UserError(f"cannot load openai/gsm8k ({split}): {first_line(e)}") from None
-        return [{"question": r["question"], "answer": r["answer"].rsplit("####", 1)[-1].strip(),
-                 # the reference solution without its <<48/2=24>> calculator annotations
-                 "solution": re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip()}
-                for r in rows]
-    if not task.endswith((".jsonl", ".json", ".parquet")):
+        # the reference solution without its <<48/2=24>> calculator annotations
+        rows = [dict(question=r["question"], answer=r["answer"].rsplit("####", 1)[-1].strip(),
+                     context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip()) for r in rows]
+    elif not task.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
-    if not os.path.isfile(task):
+    elif not os.path.isfile(task):
         raise UserError(f"data file {task!r} does not exist")
-    try:
-        if task.endswith(".jsonl"):
-            with open(task) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        elif task.endswith(".json"):
-            with open(task) as f:
-                rows = json.load(f)
-        else:
-            import datasets
-            rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read {task}: {first_line(e)}") from None
+    else:
+        try:
+            if task.endswith(".parquet"):
+                import datasets
+                rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
+            else:
+                with open(task) as f:
+                    rows = [json.loads(line) for line in f if line.strip()] if task.endswith(".jsonl") else json.load(f)
+        except (ValueError, OSError) as e:
+            raise UserError(f"cannot read {task}: {first_line(e)}") from None
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{task} holds no problems")
+    problems = []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict) or "question" not in r or "answer" not in r:
-            raise UserError(f"{task}: row {i + 1} lacks a 'question' or 'answer' field")
-    return [{"question": str(r["question"]), "answer": str(r["answer"]),
-             "solution": str(r.get("context") or "")} for r in rows]
+        if isinstance(r, dict) and isinstance(r.get("prompt"), list):  # verl's format
+            answer, messages = str((r.get("reward_model") or {}).get("ground_truth", "")), r["prompt"]
+        elif isinstance(r, dict) and "question" in r and "answer" in r:
+            answer = str(r["answer"]).rsplit("####", 1)[-1].strip()
+            messages = problem_messages(str(r["question"]), answer, str(r.get("context") or ""))
+        else:
+            raise UserError(f"{task}: row {i + 1} has neither question/answer nor a verl prompt")
+        if reference_answer(answer) is None:
+            raise UserError(f"{task}: row {i + 1} has a reference answer that cannot be parsed: {answer!r}")
+        problems.append(dict(messages=[dict(m) for m in messages], answer=answer))
+    return problems
 
 
-def chat_prompt(tokenizer, text):
-    """Token ids of a user turn plus the assistant header (plain text without a chat template)."""
+def chat_prompt(tokenizer, messages):
+    """Token ids of the chat plus the assistant header (plain text without a chat template)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = text + "\n"
+        text = "\n".join(m["content"] for m in messages) + "\n"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_prompts(tokenizer, problems, max_tokens, with_teacher):
-    """Student prompt x and teacher prompt (c, x) per problem. The teacher's is the student's
-    with the hint c appended (Figure 4). Prompts over the limit are skipped, with a warning."""
+def split_context(messages, answer_format="boxed"):
+    """(student, teacher) chats, as the authors' rl_dataset: the student's user turn stops at
+    TEACHER_CONTEXT; the teacher's is the whole turn without it. 'hash' swaps the answer sentences."""
+    student, teacher = [], []
+    for m in messages:
+        text = m["content"]
+        for boxed, other in zip(ANSWER_FORMATS["boxed"], ANSWER_FORMATS[answer_format]):
+            text = text.replace(boxed, other)
+        before, _, context = text.partition(TEACHER_CONTEXT)
+        student.append(dict(m, content=before))
+        teacher.append(dict(m, content=before + context))
+    return student, teacher
+
+
+def build_prompts(tokenizer, problems, max_tokens, with_teacher, answer_format="boxed"):
+    """Student prompt x and teacher prompt (c, x) per problem (Figure 4). Prompts over the limit
+    are skipped, with a warning."""
     kept = []
     for p in problems:
-        question = STUDENT_INSTRUCTION.format(question=p["question"])
-        student = chat_prompt(tokenizer, question)
-        teacher = None
-        if with_teacher:
-            solution = f" A common way to solve this is:\n{p['solution']}" if p["solution"] else ""
-            teacher = chat_prompt(tokenizer, question + TEACHER_HINT.format(
-                answer=p["answer"].rsplit("####", 1)[-1].strip(), solution=solution))
+        student_chat, teacher_chat = split_context(p["messages"], answer_format)
+        student = chat_prompt(tokenizer, student_chat)
+        teacher = chat_prompt(tokenizer, teacher_chat) if with_teacher else None
         if max(len(student), len(teacher or [])) <= max_tokens:
             kept.append(dict(p, student_ids=student, teacher_ids=teacher))
     if len(kept) < len(problems):
@@ -297,31 +327,65 @@ def autocast(device):
 
 
 # ------------------------------------------------------------------------------------------
-# Verifier: binary reward from the final number (Algorithm 1, line 7)
+# Verifier: binary reward from the final answer (Algorithm 1, line 7)
 # ------------------------------------------------------------------------------------------
-NUMBER = re.compile(r"(?:(?<![\w.)])-)?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")  # a '-' after a digit is not a sign
+NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"   # 1,234.5 | 12 | 12. | .5 ; never 2,5
+SIGNED = re.compile(rf"([+-]?)({NUMBER})")
+FRACTION = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
+TEXT = r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"
 
 
-def parse_number(text):
-    """'$1,000' -> 1000, '10.00' -> 10, '-7' -> -7, as an exact Fraction."""
-    return Fraction(text.replace("$", "").replace(",", ""))
+def last_boxed(text):
+    """Content of the last \\boxed{...} or \\fbox{...} (balanced braces), or None."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    depth = 1
+    for j in range(starts[-1], len(text)) if starts else ():
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[starts[-1]:j]
+    return None
 
 
-def extract_answer(text):
-    """The number after the last '####', else the last number in the text, else None."""
-    text = text.replace("\u2212", "-")
-    if "####" in text:
-        match = NUMBER.search(text.rsplit("####", 1)[1])
-        if match:
-            return parse_number(match.group())
-    numbers = NUMBER.findall(text)
-    return parse_number(numbers[-1]) if numbers else None
+def final_answer(text, answer_format="boxed"):
+    """The response's final answer as written, or None. boxed: the last \\boxed{}, else the
+    last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
+    if answer_format == "hash":
+        return text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+    boxed = last_boxed(text)
+    lines = re.findall(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)", text)
+    return boxed if boxed is not None else lines[-1].strip(" *") if lines else None
 
 
-def reward(response, reference):
-    """R = 1 if the response's final number equals the reference's, else 0."""
-    predicted = extract_answer(response)
-    return float(predicted is not None and predicted == extract_answer(reference))
+def normalise(answer):
+    """An exact Fraction where the answer is a number ('$1,000.' 1000, '- .5' -1/2, '\\dfrac{3}{4}'
+    3/4, '12\\text{ cm}' 12, 'x = 2' 2), else a canonical string; None where nothing is left."""
+    s = answer.replace("\u2212", "-")
+    for junk in ("\\left", "\\right", "\\!", "\\,", "\\$", "$"):
+        s = s.replace(junk, "")
+    s = re.sub(r"\\[dt]frac", r"\\frac", s).split("=")[-1]
+    for candidate in (re.sub(TEXT, r"\1", s), re.sub(TEXT, "", s)):  # \text{5}, 5\text{ cm}
+        candidate = re.sub(r"\s+", "", candidate).rstrip(".")
+        if m := SIGNED.fullmatch(candidate):
+            return Fraction(m[1] + m[2].replace(",", ""))
+        if (m := FRACTION.fullmatch(candidate)) and int(m[3] or m[5]) != 0:
+            return Fraction(int(m[2] or m[4]), int(m[3] or m[5])) * (-1 if m[1] == "-" else 1)
+    return re.sub(r"\s+", "", re.sub(TEXT, r"\1", s)).rstrip(".") or None
+
+
+def reference_answer(reference):
+    """The normalised reference, from a plain answer or a GSM8K solution ending in '#### N'."""
+    return normalise(reference.rsplit("####", 1)[-1])
+
+
+def reward(response, reference, answer_format="boxed"):
+    """R = 1 if the response's final answer equals the reference (as exact numbers, else as
+    normalised strings), else 0. A response without a final answer in the format scores 0."""
+    predicted = final_answer(response, answer_format)
+    predicted = None if predicted is None else normalise(predicted)
+    if answer_format == "hash" and isinstance(predicted, str):  # GSM8K's '#### 12 apples'
+        m = re.match(rf"([+-]?)({NUMBER})(?![\d,])", predicted)
+        predicted = Fraction(m[1] + m[2].replace(",", "")) if m else predicted
+    return float(predicted is not None and predicted == reference_answer(reference))
 
 
 # ------------------------------------------------------------------------------------------
@@ -362,12 +426,17 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
     raise ValueError(f"unknown kl mode {mode!r}")
 
 
+def importance_ratio(logp, old_logp):
+    """rho = pi / pi_old, its log-ratio clamped to [-20, 20] before exp as in the authors' code."""
+    return torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+
+
 def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, clip_c=10.0):
     """Appendix A.3 (DAPO clip-higher with dual clip), per token:
     l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)); where A < 0, l = min(l, -A c).
     With old_logp = logp.detach() (one optimizer step per batch) rho = 1 and the gradient is
     the on-policy -A grad log pi of Section 3.2."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = importance_ratio(logp, old_logp)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     return torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
 
@@ -378,7 +447,7 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
     old_logp = logp.detach() if old_logp is None else old_logp
     loss = dual_clip_pg_loss(logp, old_logp, advantages, eps_low, eps_high, clip_c)
     if alpha and ref_logp is not None:
-        rho = torch.exp(logp.detach() - old_logp)
+        rho = importance_ratio(logp.detach(), old_logp)
         loss = loss + alpha * rho * ref_kl_penalty(logp, ref_logp, kl_mode)
     return loss
 
@@ -386,7 +455,8 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
 def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
     """Row statistics of one chunk: log pi(y_t), entropy, and the exact full-vocabulary
     KL_t = sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher). Also returns the
-    log-normalisers, so that logit_grad needs no second reduction.
+    log-normalisers, so that logit_grad needs no second reduction. The temperature divides the
+    student's logits only, as in the authors' code.
     Logits (c, V) in the GEMM's dtype, upcast here to fp32 (fp64 stays fp64)."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     z = student_logits.to(fdt) / temperature                              # (c, V)
@@ -397,7 +467,7 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
     tok_logp = logp.gather(1, tokens[:, None]).squeeze(1)                 # (c,)
     if teacher_logits is None:
         return tok_logp, entropy, torch.zeros_like(lse_p), lse_p, lse_p
-    zq = teacher_logits.to(fdt) / temperature                             # (c, V)
+    zq = teacher_logits.to(fdt)                                           # (c, V)
     lse_q = zq.logsumexp(-1)                                              # (c,)
     kl = (p * (logp - (zq - lse_q[:, None]))).sum(-1)                     # (c,)
     return tok_logp, entropy, kl, lse_p, lse_q
@@ -416,7 +486,7 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
     p = logp.exp()                                                        # (c, V)
     grad = -logp_coef[:, None] * p                                        # (c, V)
     if teacher_logits is not None:
-        logq = teacher_logits.to(fdt) / temperature - lse_q[:, None]      # (c, V)
+        logq = teacher_logits.to(fdt) - lse_q[:, None]                    # (c, V)
         grad = grad + kl_coef[:, None] * p * (logp - logq - kl[:, None])  # Prop. 3.1
     onehot = torch.arange(p.shape[1], device=p.device) == tokens[:, None]  # (c, V) bool
     return torch.where(onehot, grad + logp_coef[:, None], grad).to(student_logits.dtype)
@@ -449,6 +519,9 @@ fused_logit_stats, fused_logit_grad = cuda_compiled(logit_stats), cuda_compiled(
 # ------------------------------------------------------------------------------------------
 # The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits
 # ------------------------------------------------------------------------------------------
+KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
+
+
 def head_chunk_size(vocab_size, memory_mb, device_type="cuda"):
     """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb. On CUDA (compiled)
     these are the student and teacher logits and the gradient, in bf16; eagerly about eight
@@ -492,9 +565,10 @@ class FusedSDPGHead(torch.autograd.Function):
                                               advantages[s:e], hp["alpha"], hp["kl_mode"],
                                               hp["eps_low"], hp["eps_high"], hp["clip_c"])
                 (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
-            rho = 1.0 if old is None else torch.exp(tok_logp - old)       # SG[rho] (c,)
+            rho = 1.0 if old is None else importance_ratio(tok_logp, old)  # SG[rho] (c,)
             kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
-            loss += tok_loss.detach().sum() + (kl_coef * kl).sum()
+            loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
+            kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
             dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl,
                                   kl_coef * scale, logp_coef.to(fdt) * scale, hp["temperature"])
             grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
@@ -689,6 +763,18 @@ def load_model(path, cfg, device, dtype=torch.float32):
     return model.to(device)
 
 
+def check_plain_head(model):
+    """The fused head computes logits as h @ W.T: refuse a model whose logits are anything else."""
+    config = model.config
+    reasons = [name for name, found in (
+        ("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None) is not None),
+        ("final-logit softcapping", getattr(config, "final_logit_softcapping", None) is not None),
+        ("a logit scale", getattr(config, "logit_scale", None) not in (None, 1.0)),
+        ("a logit scale", getattr(config, "logits_scaling", None) not in (None, 1.0))) if found]
+    if reasons:
+        raise UserError(f"this model's logits are not h @ W.T ({reasons[0]}); the fused head cannot train it")
+
+
 def load_tokenizer(path, cfg):
     from transformers import AutoTokenizer
     try:
@@ -702,20 +788,28 @@ def load_tokenizer(path, cfg):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, cfg, stop_ids, show=2):
-    """Greedy pass@1, sharded over ranks and summed. Prints a few responses on rank 0."""
+    """Greedy pass@1, or mean@k at --temperature with --eval-samples k; sharded over ranks and
+    summed. Prints a few responses on rank 0."""
     rank, world = rank_and_world()
-    mine = problems[rank::world]
+    mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
     model.eval()
     responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                            stop_ids, greedy=True, desc="eval") if mine else ([], [])
+                            stop_ids, greedy=cfg.eval_samples == 1, desc="eval") if mine else ([], [])
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    correct = sum(reward(t, p["answer"]) for t, p in zip(texts, mine))
+    correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
     totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64,
                                   device=next(model.parameters()).device))
     if rank == 0:
         for t, p in list(zip(texts, mine))[:show]:
             tqdm.write(f"--- eval sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
     return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids):
+    """{accuracy/<set>: ...} for each evaluation set, and accuracy: their mean."""
+    scores = {f"accuracy/{name}": evaluate(model, tokenizer, problems, cfg, stop_ids)
+              for name, problems in eval_sets.items()}
+    return dict(accuracy=sum(scores.values()) / len(scores), **scores)
 
 
 def rng_state():
@@ -792,10 +886,12 @@ def train(cfg):
     rank, world = rank_and_world()
     if cfg.kl_mode not in ("urkl", "ufkl", "fkl", "rkl"):
         raise UserError(f"unknown --kl-mode {cfg.kl_mode!r}: use urkl, ufkl, fkl or rkl")
+    if cfg.answer_format not in ANSWER_FORMATS:
+        raise UserError(f"unknown --answer-format {cfg.answer_format!r}: use boxed or hash")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
-    if cfg.group_size < 1 or cfg.total_steps < 1 or cfg.ppo_minibatches < 1:
-        raise UserError("--group-size, --total-steps and --ppo-minibatches must be at least 1")
+    if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
+        raise UserError("--group-size, --total-steps, --ppo-minibatches and --eval-samples must be at least 1")
     if cfg.ppo_minibatches > cfg.batch_size // world * cfg.group_size:
         raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the {cfg.batch_size // world * cfg.group_size} "
                         "samples each rank holds")
@@ -814,14 +910,19 @@ def train(cfg):
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg)
     distil, anchor = cfg.beta > 0, cfg.alpha > 0
-    train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens, distil)
-    eval_task = cfg.eval_task or cfg.task
-    eval_set = build_prompts(tokenizer, load_problems(eval_task, "test"), cfg.max_prompt_tokens, False)
-    if cfg.eval_n:
-        eval_set = eval_set[: cfg.eval_n]
+    train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens, distil,
+                              cfg.answer_format)
+    eval_sets = {}  # name -> problems
+    for task in filter(None, (cfg.eval_task or cfg.task).split(",")):
+        name = task if task == "gsm8k" else os.path.splitext(os.path.basename(task))[0]
+        problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False,
+                                 cfg.answer_format)
+        eval_sets[name] = problems[: cfg.eval_n or None]
+    eval_sets = {name: problems for name, problems in eval_sets.items() if problems}
     if not train_set:
         raise UserError(f"no usable training problems in {cfg.task!r}")
     model = load_model(cfg.resume or model_path, cfg, device)
+    check_plain_head(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the frozen reference pi_ref is the initial policy, also on resume
@@ -861,11 +962,14 @@ def train(cfg):
         with open(metrics_path, "w") as f:
             f.writelines(earlier)
 
-    if start == 1 and eval_set:  # the starting point: step 0
-        accuracy = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
+    if start == 1 and eval_sets:  # the starting point: step 0
+        scores = evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids)
         if rank == 0:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(dict(step=0, accuracy=accuracy)) + "\n")
+                f.write(json.dumps(dict(step=0, **scores)) + "\n")
+    # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
+    beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
+    beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
     bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", disable=rank != 0, initial=start - 1,
                total=cfg.total_steps)
     for step in bar:
@@ -882,10 +986,10 @@ def train(cfg):
         # 3. verify, group advantages (Eq. 2.1), gate m_i (Eq. 3.5) and beta(k)
         t0 = time.perf_counter()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, group)])  # (S,)
+        rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, group)])  # (S,)
         advantages = group_advantages(rewards, cfg.group_size, cfg.eps_std)             # (S,)
         gate = (advantages > 0).float() if cfg.gate else torch.ones_like(advantages)   # (S,)
-        beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, cfg.beta_warmup, cfg.beta_decay)
+        beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         timings["verify_s"] = time.perf_counter() - t0
         # 4. no-grad scores: reference log-probs, old log-probs when rho can differ from 1
         t0 = time.perf_counter()
@@ -915,9 +1019,9 @@ def train(cfg):
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         row["accuracy"] = None  # logged on the steps that evaluate
-        if eval_set and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+        if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             t0 = time.perf_counter()
-            row["accuracy"] = evaluate(model, tokenizer, eval_set, cfg, stop_ids)
+            row.update(evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids))
             row["eval_s"] = time.perf_counter() - t0
         if rank == 0:
             with open(metrics_path, "a") as f:

@@ -26,7 +26,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def make_tokenizer(pad=True):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    chars = sorted(set(sdpg.STUDENT_INSTRUCTION + sdpg.TEACHER_HINT + "0123456789+-*/=?.,$# \n"
+    prompts = "".join(sum(sdpg.ANSWER_FORMATS.values(), ())) + sdpg.STUDENT_PROMPT + sdpg.HINT + sdpg.HINT_SOLUTION
+    chars = sorted(set(prompts + "0123456789+-*/=?.,$#{}\\ \n"
                        + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:[]()'"))
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -35,6 +36,7 @@ def make_tokenizer(pad=True):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
                                    additional_special_tokens=SPECIALS[1:])
     fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    fast.add_tokens([f"#### {d}" for d in range(10)])  # so that a 1-token response can be '#### 7'
     if pad:
         fast.pad_token = "<|endoftext|>"  # Qwen-style: pad == EOS
     fast.chat_template = CHAT_TEMPLATE
@@ -161,7 +163,7 @@ def test_opd_logit_gradient_is_prop_3_1():
     z = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     zq = torch.randn(5, 11, dtype=torch.float64)
     y = torch.randint(0, 11, (5,))
-    logp, logq = (z / 0.8).log_softmax(-1), (zq / 0.8).log_softmax(-1)
+    logp, logq = (z / 0.8).log_softmax(-1), zq.log_softmax(-1)  # the teacher is not tempered
     kl_ref = (logp.exp() * (logp - logq)).sum(-1)
     coef = torch.rand(5, dtype=torch.float64)
     (g_ref,) = torch.autograd.grad((coef * kl_ref).sum(), z, retain_graph=True)
@@ -187,8 +189,8 @@ def naive_loss(hs, ht, w, tokens, adv, kl_w, old, ref, n_tokens, alpha=1e-3, tem
                eps_low=0.2, eps_high=0.28, clip_c=10.0):
     """Eq. A.3 written out with full (N x V) logits and autograd, urkl reference term."""
     logp_all = (hs @ w.T / temperature).log_softmax(-1)
-    logq_all = (ht @ w.T / temperature).log_softmax(-1).detach()
-    kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    logq_all = (ht @ w.T).log_softmax(-1).detach()  # the temperature divides the student's logits only
+    kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=20.0)  # the authors' cap
     logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
     old = logp.detach() if old is None else old
     rho = torch.exp(logp - old)
@@ -369,26 +371,50 @@ def test_head_chunk_size_from_budget():
 # ------------------------------------------------------------------------------------------
 # Verifier
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text,want", [
-    ("So the total is #### 72", 72), ("#### $1,000.", 1000), ("####10", 10), ("#### -7", -7),
-    ("#### 10.00", 10), ("The answer is 10.00.", 10), ("We get -7", -7), ("#### 1,234,567", 1234567),
-    ("#### $ 5", 5), ("#### 3.5", Fraction(7, 2)), ("#### 0.50", Fraction(1, 2)), ("#### 0", 0),
-    ("first #### 3 then #### 4", 4), ("#### 12 apples, not 13", 12), ("#### 8\n", 8),
-    ("5 + 6 = 11", 11), ("It costs $18.", 18), ("no number at all", None), ("", None),
-    ("#### none; earlier 9", 9), ("#### −4", -4), ("Total: 1,000 dollars", 1000),
-    ("#### 007", 7), ("The result is 2.", 2), ("x=3, y=4, so #### 12.", 12), ("-$3", -3),
-    ("#### 100,000,000", 100000000), ("#### 42<|im_end|>", 42),
-    ("read pages 5-7", 7), ("3-2=1", 1), ("x = -3", -3),
-])
-def test_extract_answer(text, want):
-    got = sdpg.extract_answer(text)
-    assert got == (None if want is None else Fraction(want))
+B, H = "boxed", "hash"
+VERIFIER_CASES = [  # (response, reference, format, reward)
+    # the prediction: the last \boxed{} (balanced braces, \fbox too), else a final 'Answer: X'
+    (r"so \boxed{42}.", "42", B, 1), (r"\boxed{41}", "42", B, 0), (r"\boxed{3} then \boxed{4}", "4", B, 1),
+    (r"\boxed{4} then \boxed{3}", "4", B, 0), (r"\boxed{\frac{1}{2}}", "1/2", B, 1), (r"\fbox{9}", "9", B, 1),
+    (r"\boxed {7}", "7", B, 1), (r"\boxed{7", "7", B, 0),
+    ("The sum is 7.\nAnswer: 7", "7", B, 1), ("**Answer:** 7", "7", B, 1), ("Answer: 6\nAnswer: 7", "7", B, 1),
+    (r"\boxed{7} and Answer: 8", "7", B, 1),
+    # no answer in the format: 0, never the last number in the text
+    ("The answer is 7.", "7", B, 0), ("#### 7", "7", B, 0), ("", "7", B, 0), (r"\boxed{}", "7", B, 0),
+    ("The answer is 7.", "7", H, 0), (r"\boxed{7}", "7", H, 0),
+    # exact numbers: decimals, separators, $, fractions, signs, a trailing period, \text{} units
+    (r"\boxed{10.00}", "10", B, 1), (r"\boxed{\$1,000.}", "1000", B, 1), (r"\boxed{$1,000$}", "1000", B, 1),
+    (r"\boxed{.5}", "0.5", B, 1), (r"\boxed{.5}", "5", B, 0), (r"\boxed{- 3}", "-3", B, 1),
+    (r"\boxed{- 3}", "3", B, 0), (r"\boxed{2,5}", "25", B, 0), (r"\boxed{1,234,567}", "1234567", B, 1),
+    (r"\boxed{\dfrac{3}{4}}", "3/4", B, 1), (r"\boxed{\tfrac{3}{4}}", "0.75", B, 1), (r"\boxed{2}", "1/2", B, 0),
+    (r"\boxed{-\frac{1}{2}}", "-0.5", B, 1), (r"\boxed{12\text{ cm}}", "12", B, 1),
+    (r"\boxed{\text{12}}", "12", B, 1), (r"\boxed{x = 5}", "5", B, 1), ("\\boxed{\u22124}", "-4", B, 1),
+    (r"\boxed{007}", "7", B, 1), (r"\boxed{3/0}", "3/0", B, 1),
+    # otherwise normalised strings: whitespace, \left \right, \!, dfrac as frac
+    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", B, 1), (r"\boxed{\dfrac{\pi}{2}}", r"\frac{\pi}{2}", B, 1),
+    (r"\boxed{3\!\sqrt{2}}", r"3\sqrt{2}", B, 1), (r"\boxed{3\sqrt{2}}", r"2\sqrt{3}", B, 0),
+    # hash: what follows the last '####'; GSM8K's pitfalls
+    ("So the total is #### 72", "72", H, 1), ("#### $1,000.", "1000", H, 1), ("####10", "10", H, 1),
+    ("#### -7", "-7", H, 1), ("#### 10.00", "10", H, 1), ("#### - 3", "-3", H, 1), ("#### - 3", "3", H, 0),
+    ("#### .5", "0.5", H, 1), ("#### 2,5", "25", H, 0), ("#### 2", "1/2", H, 0), ("#### 1/2", "0.5", H, 1),
+    ("first #### 3 then #### 4", "4", H, 1), ("#### 4 then #### 3", "4", H, 0), ("#### 12 apples", "12", H, 1),
+    ("#### 8\nmore text 9", "8", H, 1), ("#### none; earlier 9", "9", H, 0),
+    # references: a plain answer or a GSM8K solution ending in '#### N'
+    ("#### 10", "Natalia sold 10 clips.\n#### 10", H, 1), (r"\boxed{10}", "Sold 4+6=10.\n#### 10", B, 1),
+]
 
 
-def test_reward_normalises_both_sides():
-    assert sdpg.reward("... #### $1,000.", "1000") == 1.0
-    assert sdpg.reward("#### 10.00", "Natalia sold 10 clips.\n#### 10") == 1.0
-    assert sdpg.reward("#### 11", "10") == 0.0 and sdpg.reward("I do not know", "10") == 0.0
+@pytest.mark.parametrize("response,reference,answer_format,want", VERIFIER_CASES)
+def test_verifier(response, reference, answer_format, want):
+    assert sdpg.reward(response, reference, answer_format) == want
+
+
+def test_normalise_numbers_and_strings():
+    assert sdpg.normalise("$1,000.") == 1000 and sdpg.normalise("-.5") == Fraction(-1, 2)
+    assert sdpg.normalise(r"\frac{3}{4}") == Fraction(3, 4) and sdpg.normalise("2,5") == "2,5"
+    assert sdpg.normalise(r"\left( 1 ,2\right)") == "(1,2)" and sdpg.normalise("  ") is None
+    assert sdpg.reference_answer("Half is 24.\n#### 24") == 24 and sdpg.reference_answer("x+1") == "x+1"
+    assert sdpg.reference_answer("...") is None and sdpg.reference_answer("") is None
 
 
 def test_resolve_model_name(tmp_path):
@@ -406,7 +432,9 @@ def test_gsm8k_rows_strip_calculator_annotations(monkeypatch):
              "answer": "Half of 48 is 48/2=<<48/2=24>>24.\nSo 24 are left.\n#### 24"}]
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
     (p,) = sdpg.load_problems("gsm8k", "train")
-    assert p["answer"] == "24" and "<<" not in p["solution"] and p["solution"].endswith("So 24 are left.")
+    (message,) = p["messages"]
+    assert p["answer"] == "24" and "<<" not in message["content"]
+    assert message["content"].endswith("So 24 are left.\n" + sdpg.HINT_SOLUTION.split("\n")[-1].format(answer=24))
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
@@ -423,11 +451,6 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     tok = make_tokenizer()
     problems = sdpg.load_problems(tiny["data"], "train")[:2]
     built = sdpg.build_prompts(tok, problems, 4096, with_teacher=True)
-    for p in built:
-        student, teacher = tok.decode(p["student_ids"]), tok.decode(p["teacher_ids"])
-        assert p["question"] in student and "[Hint]" not in student and "correct answer is 7" in teacher
-        assert p["solution"] == "" or (p["solution"] in teacher and p["solution"] not in student)
-        assert student.startswith("<|im_start|>user") and teacher.endswith("<|im_start|>assistant\n")
     # masks: up to and including the first stop token (EOS == pad), never past it
     eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     stop = {eos, im_end}
@@ -451,11 +474,74 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     assert hs.shape == ht.shape == (5, model.config.hidden_size) and not torch.allclose(hs, ht)
 
 
+FIGURE_4_STUDENT = ("Solve the following math problem step by step. Present your final answer inside \\boxed{}, "
+                    "for example \\boxed{42}.\n{question}\nRemember to put your final answer inside \\boxed{}.")
+FIGURE_4_HINT = ("\n[Hint] The correct answer is {answer}. A common way to solve this is:\n{solution}\n[Instruction] "
+                 "If possible, derive the answer {answer} using an alternative, equally rigorous mathematical "
+                 "approach (e.g., algebraic vs geometric, or different substitution). If no alternative exists, "
+                 "articulate the standard approach with exceptional clarity. Do NOT state that you were given the "
+                 "answer or reference.")
+
+
+def test_prompts_are_figure_4_verbatim(tiny):
+    tok = make_tokenizer()
+    problems = sdpg.load_problems(tiny["data"], "train")[:2]  # row 2 has a worked solution, row 1 none
+    chat = lambda text: f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    for fmt in ("boxed", "hash"):
+        built = sdpg.build_prompts(tok, problems, 4096, with_teacher=True, answer_format=fmt)
+        for i, p in enumerate(built):
+            question = f"Tom has {i} pens and gets {7 - i} more. How many pens?"
+            student = FIGURE_4_STUDENT.replace("{question}", question)
+            if fmt == "hash":
+                student = student.replace("inside \\boxed{}, for example \\boxed{42}", "after ####, for example #### 42")
+                student = student.replace("inside \\boxed{}.", "after ####.")
+            hint = (FIGURE_4_HINT.format(answer=7, solution=f"{i}+{7 - i}=7") if i
+                    else "\n[Hint] The correct answer is 7.")  # no solution: the first sentence alone
+            assert tok.decode(p["student_ids"]) == chat(student)
+            assert tok.decode(p["teacher_ids"]) == chat(student + hint)
+
+
+def write_verl_parquet(path, rows):
+    """Rows in the authors' verl format: chat messages with the marker, reward_model.ground_truth."""
+    import pandas as pd
+    pd.DataFrame([{"data_source": "math_dapo", "ability": "math", "extra_info": {"index": i},
+                   "prompt": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": question + ("[TEACHER_CONTEXT_TOKEN]" + context if context else "")}],
+                   "reward_model": {"ground_truth": answer, "style": "rule"}}
+                  for i, (question, answer, context) in enumerate(rows)]).to_parquet(path)
+    return str(path)
+
+
+def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, monkeypatch):
+    rows = [(f"What is {a} + 3? Put it in \\boxed{{}}.", str(a + 3), f"\n[Hint] It is {a + 3}.") for a in range(8)]
+    data = write_verl_parquet(tmp_path / "train.parquet", rows)
+    evals = write_verl_parquet(tmp_path / "aime-like.parquet", [(q, a, "") for q, a, _ in rows[:3]])
+    tok = make_tokenizer()
+    (p,) = sdpg.build_prompts(tok, sdpg.load_problems(data, "train")[:1], 4096, with_teacher=True)
+    system = "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert tok.decode(p["student_ids"]) == system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(p["teacher_ids"]) == (system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}.\n[Hint] It is 3."
+                                            "<|im_end|>\n<|im_start|>assistant\n") and p["answer"] == "3"
+    seen = []  # every prompt a forward pass sees
+    real_hidden = sdpg.response_hidden
+    monkeypatch.setattr(sdpg, "response_hidden", lambda m, p, *a: seen.append(p) or real_hidden(m, p, *a))
+    out = tmp_path / "verl"
+    sdpg.main(run_args(tiny, out, "--task", data, "--eval-task", f"{evals},{tiny['data']}", "--no-gate"))
+    rows = read_metrics(out)
+    assert rows[0]["accuracy/aime-like"] is not None and rows[0]["accuracy/problems"] is not None
+    assert rows[0]["accuracy"] == pytest.approx((rows[0]["accuracy/aime-like"] + rows[0]["accuracy/problems"]) / 2)
+    # the default beta windows scale with --total-steps 2: T_warm = 2/8, T_decay = 7 * 2/8
+    assert rows[1]["beta"] == pytest.approx(1e-3 * (2 - 1) / 1.75) and rows[2]["beta"] == 0.0
+    decoded = {tok.decode(ids) for batch in seen for ids in batch}
+    assert any("[Hint]" in t for t in decoded)  # the teacher ran with the context ...
+    assert all("TEACHER_CONTEXT" not in t for t in decoded)  # ... never with the marker
+
+
 def test_long_prompts_are_skipped_with_a_warning(tiny, capsys):
     problems = sdpg.load_problems(tiny["data"], "train")
-    problems[1] = dict(problems[1], question="How many? " * 100)
+    problems[1] = dict(problems[1], messages=[{"role": "user", "content": "How many? " * 100}])
     kept = sdpg.build_prompts(make_tokenizer(), problems, 700, with_teacher=True)
-    assert len(kept) == len(problems) - 1 and problems[1]["question"] not in [p["question"] for p in kept]
+    assert len(kept) == len(problems) - 1 and problems[1]["messages"] not in [p["messages"] for p in kept]
     assert "skipped 1 of 12 prompts" in capsys.readouterr().err
 
 
@@ -499,7 +585,8 @@ def test_learning_raises_reward(tiny, tmp_path):
     sdpg.main(["--model", tiny["model"], "--task", data, "--out-dir", str(out), "--device", "cpu",
                "--batch-size", "8", "--group-size", "8", "--max-response-tokens", "3", "--total-steps", "20",
                "--eval-n", "8", "--eval-every", "0", "--save-every", "0", "--lr", "1e-2", "--lr-warmup", "1",
-               "--beta", "0.01", "--beta-warmup", "0", "--beta-decay", "0"])
+               "--beta", "0.01", "--beta-warmup", "0", "--beta-decay", "0", "--ppo-minibatches", "1",
+               "--answer-format", "hash"])  # the tokenizer has '#### 7' as one token
     rewards = [r["reward"] for r in read_metrics(out)[1:]]
     assert sum(rewards[:4]) / 4 < 0.1 and sum(rewards[-5:]) / 5 > 0.3, rewards
     rows = read_metrics(out)[1:]
@@ -550,7 +637,8 @@ def test_non_finite_update_is_skipped_and_repeats_abort(tiny, tmp_path, monkeypa
     before = [p.detach().clone() for p in model.parameters()]
     rollouts = injected_rollouts(tiny["model"])
     rollouts.ref_logp[3][0] = float("nan")
-    sums = sdpg.update_policy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rollouts, sdpg.Config(), 0)
+    cfg = sdpg.Config(ppo_minibatches=1)
+    sums = sdpg.update_policy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rollouts, cfg, 0)
     assert sums["skipped"] == 1 and sums["steps"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
     nan_loss = lambda logp, *a: logp * float("nan")
@@ -558,7 +646,7 @@ def test_non_finite_update_is_skipped_and_repeats_abort(tiny, tmp_path, monkeypa
     with pytest.raises(SystemExit) as exit:
         sdpg.main(run_args(tiny, tmp_path / "nan", "--total-steps", "5", "--max-bad-steps", "2"))
     assert exit.value.code == 2 and "2 updates in a row" in capsys.readouterr().err
-    assert [r["skipped_updates"] for r in read_metrics(tmp_path / "nan")[1:]] == [1.0]
+    assert [r["skipped_updates"] for r in read_metrics(tmp_path / "nan")[1:]] == [8.0]  # 8 mini-batches
 
 
 def write_json(path, rows):
@@ -567,11 +655,34 @@ def write_json(path, rows):
     return str(path)
 
 
+def softcapped_model(tmp):
+    from transformers import AutoConfig
+    path = make_model_dir(tmp / "softcapped")
+    config = AutoConfig.from_pretrained(path)
+    config.final_logit_softcapping = 30.0  # as Gemma 2 has: logits are not h @ W.T
+    config.save_pretrained(path)
+    return path
+
+
+def test_refuses_an_lm_head_bias(tiny):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    sdpg.check_plain_head(model)  # a plain head passes
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    with pytest.raises(sdpg.UserError, match="an lm_head bias"):
+        sdpg.check_plain_head(model)
+
+
 def bad_inputs(tiny, tmp):
     return {
         "unknown task": (["--task", "mathqa"], "unknown task"),
         "missing file": (["--task", str(tmp / "missing.jsonl")], "does not exist"),
-        "missing fields": (["--task", write_json(tmp / "f.jsonl", [{"question": "1+1?"}])], "lacks"),
+        "missing fields": (["--task", write_json(tmp / "f.jsonl", [{"question": "1+1?"}])], "row 1 has neither"),
+        "unparseable reference": (["--task", write_json(tmp / "r.jsonl", [{"question": "1+1?", "answer": "2"},
+                                                                         {"question": "?", "answer": " . "}])],
+                                  "row 2 has a reference answer that cannot be parsed"),
+        "bad answer format": (["--answer-format", "latex"], "answer-format"),
+        "softcapped logits": (["--model", softcapped_model(tmp)], "final-logit softcapping"),
         "empty data": (["--task", write_json(tmp / "e.jsonl", [])], "no problems"),
         "bad model path": (["--model", str(tmp / "no-model")], "does not exist"),
         "prompts too long": (["--max-prompt-tokens", "10"], "no usable training problems"),
@@ -626,7 +737,7 @@ def one_update(model_dir, indices):
     rollouts = sdpg.Rollouts(pick(full.student_ids), pick(full.teacher_ids), pick(full.response_ids),
                              full.advantages[indices], full.kl_weight[indices], ref_logp=pick(full.ref_logp))
     # one sample per micro-batch: the same shapes in both runs, only the order of the sums differs
-    cfg = sdpg.Config(micro_batch_tokens=1, grad_clip=1e9, alpha=0.1)
+    cfg = sdpg.Config(micro_batch_tokens=1, grad_clip=1e9, alpha=0.1, ppo_minibatches=1)
     sdpg.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), rollouts, cfg, 0)
     return {k: v - before[k] for k, v in model.state_dict().items()}
 
