@@ -86,6 +86,7 @@ class Config:
     micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
     head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    ref_dtype: str = opt("auto", "reference model dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
     # evaluation, logging, checkpoints
     eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)")
@@ -747,7 +748,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             sums["steps"] += 1
         else:
             sums["skipped"] += 1
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)  # sampling gets the gradients' memory back
     return sums
 
 
@@ -761,6 +762,19 @@ def load_model(path, cfg, device, dtype=torch.float32):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path!r}: {first_line(e)}") from None
     return model.to(device)
+
+
+def make_optimizer(model, cfg):
+    """AdamW (fused on CUDA: no full-size foreach temporaries). Under torchrun its state is
+    sharded over the ranks (ZeRO-1): each rank updates its share of the parameters from the
+    all-reduced gradients and broadcasts them, the same update as unsharded AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                  fused=params[0].is_cuda or None)
+    if distributed():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def check_plain_head(model):
@@ -825,6 +839,7 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
     rngs = [None] * world
     if distributed():
         dist.all_gather_object(rngs, rng_state())
+        optimizer.consolidate_state_dict(to=0)  # ZeRO-1: every rank's AdamW shard, gathered on rank 0
     else:
         rngs = [rng_state()]
     if rank == 0:
@@ -897,6 +912,8 @@ def train(cfg):
                         "samples each rank holds")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
+    if cfg.ref_dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"unknown --ref-dtype {cfg.ref_dtype!r}: use auto, bf16 or fp32")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise UserError(f"unknown --device {cfg.device!r}: use auto, cuda or cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -926,14 +943,14 @@ def train(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the frozen reference pi_ref is the initial policy, also on resume
-    ref_model = load_model(model_path, cfg, device) if anchor else None  # same dtype: pi_ref = pi_0 exactly
+    ref_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.ref_dtype, torch.bfloat16 if use_cuda else torch.float32)
+    ref_model = load_model(model_path, cfg, device, ref_dtype) if anchor else None
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup)))
     start, bad_steps = 1, 0
     if cfg.resume:
