@@ -62,7 +62,7 @@ class Config:
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
-    gen_batch_size: int = opt(64, "sequences per model.generate call")
+    sample_memory_mb: int = opt(16384, "memory (MB) for the sampler's KV cache and logits; past it, rows are split")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
@@ -107,8 +107,33 @@ def first_line(e):
 
 
 # ------------------------------------------------------------------------------------------
-# Distributed helpers: a plain `python sdpg.py` run never touches torch.distributed
+# Helpers: bf16 autocast and torch.compile on CUDA; ranks (`python sdpg.py` never touches
+# torch.distributed)
 # ------------------------------------------------------------------------------------------
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def cuda_compiled(fn, **options):
+    """fn through torch.compile when its first tensor argument is on CUDA; elsewhere, and if
+    compilation fails (no Triton, an old GPU, ...), the same code runs eagerly."""
+    compiled = torch.compile(fn, **options)
+    state = {"ok": True}
+
+    def run(*args):
+        if next(a for a in args if torch.is_tensor(a)).is_cuda and state["ok"]:
+            try:
+                return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # correct, only slower
+                print(f"warning: torch.compile of {fn.__name__} failed ({type(e).__name__}); "
+                      "running it eagerly", file=sys.stderr)
+                state["ok"] = False
+        return fn(*args)
+    return run
+
+
 def distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -298,33 +323,137 @@ def cut_at_stop(tokens, stop_ids):
     return tokens, True
 
 
+def sample_token(logits, temperature, greedy=False):
+    """Multinomial sampling as an exponential race: argmax_a p(a) / E_a with E_a ~ Exp(1) picks a
+    with probability p(a), on the device, with no cumulative sum and no host synchronisation."""
+    if greedy:
+        return logits.argmax(-1)                                                  # (B,)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)                   # (B, V)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)           # (B,)
+
+
+def decode_step(model, cache, tokens, positions, cache_position, mask, temperature, greedy):
+    """Feed each row's last token at its position; return the next tokens: (B,) -> (B,)."""
+    logits = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
+                   cache_position=cache_position, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+    return sample_token(logits, temperature, greedy)
+
+
+# on CUDA a decode step replays as a captured CUDA graph: one launch instead of hundreds of kernels
+graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic=False)
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of one new token per row with grouped-query K/V read in place: the g query heads
+    that share a K/V head become g query rows of that head, so K/V are never repeated per head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    b, heads, q_len, dim = query.shape                                          # (B, h, 1, D)
+    if q_len != 1:  # the prefill: transformers' own SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], dim)        # (B, h_kv, g, D)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           scale=scaling)      # (B, h_kv, g, D)
+    return out.reshape(b, 1, heads, dim), None                                  # (B, 1, h, D)
+
+
+@torch.no_grad()
+def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
+    """One left-padded batch: a static KV cache sized to the longest prompt plus the response
+    budget, one prefill, then one decode step per token. (B, prompt) ids -> (B, N) tokens."""
+    from transformers import StaticCache
+    device = next(model.parameters()).device
+    B, P, N = len(prompts), max(map(len, prompts)), cfg.max_response_tokens
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
+    start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first real column
+    mask = (torch.arange(P + N, device=device) >= start[:, None]).long()                # (B, P+N) left pads 0
+    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
+    cache = StaticCache(config=model.config, max_cache_len=P + N)
+    stops = torch.tensor(stop_ids, device=device)
+    step = graphed_decode_step if device.type == "cuda" else decode_step
+    with autocast(device):
+        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, past_key_values=cache,
+                       cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = sample_token(logits, cfg.temperature, greedy)                          # (B,)
+        out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
+        done = torch.zeros(B, dtype=torch.bool, device=device)                          # (B,)
+        positions = positions[:, -1]                                                    # (B,)
+        for t in range(N):
+            out[:, t] = torch.where(done, pad_id, tokens)  # a stopped row never changes again
+            done |= torch.isin(tokens, stops)
+            if t == N - 1 or t % 16 == 15 and bool(done.all()):  # one host sync per 16 tokens
+                break
+            positions = positions + 1
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            tokens = step(model, cache, tokens, positions, torch.arange(P + t, P + t + 1, device=device), mask,
+                          cfg.temperature, greedy).clone()                              # (B,)
+    return out.tolist()
+
+
+DECODE_LOOP_MODELS = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def rows_per_call(model, width, memory_mb):
+    """Rows whose KV cache (width tokens each) and fp32 logits fit memory_mb."""
+    c, dtype = model.config, next(model.parameters()).dtype
+    kv_heads, head_dim = getattr(c, "num_key_value_heads", c.num_attention_heads), getattr(c, "head_dim", None)
+    kv_bytes = 2 * c.num_hidden_layers * kv_heads * (head_dim or c.hidden_size // c.num_attention_heads) * width
+    per_row = kv_bytes * (2 if dtype != torch.float32 else 4) + 3 * 4 * c.vocab_size
+    return max(1, int(memory_mb * 2**20) // per_row)
+
+
 @torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample"):
-    """Responses (token lists, stop token included) and truncation flags, in sub-batches of
-    --gen-batch-size with left padding."""
+    """Responses (token lists, stop token included) and truncation flags. All rows go in one call
+    unless the KV cache would pass --sample-memory-mb; model families the decode loop does not
+    know, and top-p below 1, fall back to model.generate."""
     device = next(model.parameters()).device
-    sampling = dict(do_sample=False) if greedy else dict(
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    ours = model.config.model_type in DECODE_LOOP_MODELS and (greedy or cfg.top_p >= 1)
+    if not ours and not getattr(model, "_sdpg_notice", False):
+        print(f"notice: sampling with model.generate ({model.config.model_type}, top-p {cfg.top_p})", file=sys.stderr)
+        model._sdpg_notice = True
+    rows = rows_per_call(model, max(map(len, prompts), default=0) + cfg.max_response_tokens, cfg.sample_memory_mb)
     responses, truncated = [], []
-    for i in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc=desc, leave=False,
-                  disable=rank_and_world()[0] != 0):
-        batch = prompts[i: i + cfg.gen_batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        with autocast(device):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
-                                 eos_token_id=stop_ids, pad_token_id=pad_id, repetition_penalty=1.0,
-                                 **sampling)
-        for row in out[:, width:].tolist():
+    for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
+        batch = prompts[i: i + rows]
+        if ours:
+            out = decode_rows(model, batch, cfg, pad_id, stop_ids, greedy)
+        else:
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+            with autocast(device):
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
+                                     eos_token_id=stop_ids, pad_token_id=pad_id,
+                                     **(dict(do_sample=False) if greedy else sampling))[:, width:].tolist()
+        for row in out:
             tokens, cut = cut_at_stop(row, stop_ids)
             responses.append(tokens)
             truncated.append(cut)
     return responses, truncated
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def sampling_policy(model):
+    """The policy that samples: on CUDA a bf16 copy of the fp32 master weights (2 bytes a
+    parameter) with the grouped-query decode attention, refreshed in place after every update
+    (sync_sampling_policy) so that captured CUDA graphs stay valid; on the CPU the policy itself."""
+    if not next(model.parameters()).is_cuda:
+        return model
+    from transformers import AttentionInterface
+    AttentionInterface.register("sdpg_decode", decode_attention)
+    copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
+    for p in copy.parameters():  # parameters only: rotary inv_freq buffers stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    copy.config._attn_implementation = "sdpg_decode"
+    return copy
+
+
+@torch.no_grad()
+def sync_sampling_policy(sampler, model):
+    if sampler is not model:
+        for a, b in zip(sampler.parameters(), model.parameters()):
+            a.copy_(b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -493,28 +622,9 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
     return torch.where(onehot, grad + logp_coef[:, None], grad).to(student_logits.dtype)
 
 
-def cuda_compiled(fn):
-    """On CUDA run fn through torch.compile: the chunk's elementwise work and row reductions
-    fuse into a few kernels that read the low-precision logits and hold no fp32 (chunk x V)
-    buffers. Elsewhere (and if compilation fails) the same code runs eagerly."""
-    compiled = torch.compile(fn, dynamic=True)
-    state = {"ok": True}
-
-    def run(*args):
-        if args[0].is_cuda and state["ok"]:
-            try:
-                return compiled(*args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # no Triton, an old GPU, ...: correct, only slower
-                print(f"warning: torch.compile of {fn.__name__} failed ({type(e).__name__}); "
-                      "running it eagerly", file=sys.stderr)
-                state["ok"] = False
-        return fn(*args)
-    return run
-
-
-fused_logit_stats, fused_logit_grad = cuda_compiled(logit_stats), cuda_compiled(logit_grad)
+# on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that read the
+# low-precision logits and hold no fp32 (chunk x V) buffers
+fused_logit_stats, fused_logit_grad = cuda_compiled(logit_stats, dynamic=True), cuda_compiled(logit_grad, dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -705,18 +815,23 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
         loss_sum = torch.zeros((), device=device)
         for mb in micro_batches([len(rollouts.student_ids[i]) + lengths[k] for k, i in enumerate(minibatch)],
                                 cfg.micro_batch_tokens):
-            idx = [minibatch[k] for k in mb]
+            # distilled samples (beta(k) m_i != 0) first: the teacher runs on them alone, and the
+            # head's teacher GEMM stops at the first chunk past them
+            idx = sorted((minibatch[k] for k in mb), key=lambda i: bool(rollouts.kl_weight[i] == 0))
             resp = [rollouts.response_ids[i] for i in idx]
             lens = [len(r) for r in resp]
             tokens = torch.tensor(sum(resp, []), device=device)                  # (n,)
             adv = per_token(rollouts.advantages[idx].to(device), lens)          # (n,)
             kl_w = per_token(rollouts.kl_weight[idx].to(device), lens)          # (n,)
+            gated = [i for i in idx if rollouts.kl_weight[i] != 0]
             teacher = None
-            if bool((kl_w != 0).any()):  # the teacher forward only where distillation applies
+            if gated:
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in idx], resp, pad_id)
-                sums["teacher_tokens"] += len(tokens)
+                    teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in gated],
+                                              [rollouts.response_ids[i] for i in gated], pad_id)  # (n_g, H)
+                teacher = torch.cat([teacher, teacher.new_zeros(len(tokens) - len(teacher), teacher.shape[1])])  # (n, H)
+                sums["teacher_tokens"] += sum(len(rollouts.response_ids[i]) for i in gated)
                 sums["teacher_s"] += time.perf_counter() - t0
             ref = torch.cat([rollouts.ref_logp[i] for i in idx]).to(device) if rollouts.ref_logp else None
             old = torch.cat([rollouts.old_logp[i] for i in idx]).to(device) if rollouts.old_logp else None
@@ -949,6 +1064,7 @@ def train(cfg):
         ref_model.eval().requires_grad_(False)
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
+    sampler = sampling_policy(model)  # the policy itself on the CPU, a bf16 copy on CUDA
 
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup)))
@@ -980,7 +1096,7 @@ def train(cfg):
             f.writelines(earlier)
 
     if start == 1 and eval_sets:  # the starting point: step 0
-        scores = evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids)
+        scores = evaluate_sets(sampler, tokenizer, eval_sets, cfg, stop_ids)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(dict(step=0, **scores)) + "\n")
@@ -998,7 +1114,7 @@ def train(cfg):
         problems = step_prompts(train_set, step, cfg)
         group = [p for p in problems for _ in range(cfg.group_size)]
         model.eval()
-        responses, truncated = generate(model, [p["student_ids"] for p in group], cfg, pad_id, stop_ids)
+        responses, truncated = generate(sampler, [p["student_ids"] for p in group], cfg, pad_id, stop_ids)
         timings["sample_s"] = time.perf_counter() - t0
         # 3. verify, group advantages (Eq. 2.1), gate m_i (Eq. 3.5) and beta(k)
         t0 = time.perf_counter()
@@ -1023,6 +1139,7 @@ def train(cfg):
         lr = scheduler.get_last_lr()[0]
         sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
         scheduler.step()
+        sync_sampling_policy(sampler, model)
         timings["teacher_s"] = sums["teacher_s"]
         timings["update_s"] = time.perf_counter() - t0 - sums["teacher_s"]
         bad_steps = bad_steps + 1 if sums["skipped"] else 0
@@ -1038,7 +1155,7 @@ def train(cfg):
         row["accuracy"] = None  # logged on the steps that evaluate
         if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             t0 = time.perf_counter()
-            row.update(evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids))
+            row.update(evaluate_sets(sampler, tokenizer, eval_sets, cfg, stop_ids))
             row["eval_s"] = time.perf_counter() - t0
         if rank == 0:
             with open(metrics_path, "a") as f:
