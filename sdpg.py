@@ -440,13 +440,20 @@ def sampling_policy(model):
     (sync_sampling_policy) so that captured CUDA graphs stay valid; on the CPU the policy itself."""
     if not next(model.parameters()).is_cuda:
         return model
-    from transformers import AttentionInterface
-    AttentionInterface.register("sdpg_decode", decode_attention)
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
     for p in copy.parameters():  # parameters only: rotary inv_freq buffers stay fp32
         p.data = p.data.to(torch.bfloat16)
-    copy.config._attn_implementation = "sdpg_decode"
-    return copy
+    return use_decode_attention(copy)
+
+
+def use_decode_attention(model):
+    """Register decode_attention (with transformers' SDPA masks) and switch the model to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("sdpg_decode", decode_attention)
+    AttentionMaskInterface.register("sdpg_decode", sdpa_mask)
+    model.config._attn_implementation = "sdpg_decode"
+    return model
 
 
 @torch.no_grad()

@@ -369,6 +369,126 @@ def test_head_chunk_size_from_budget():
 
 
 # ------------------------------------------------------------------------------------------
+# The sampler: our decode loop against model.generate
+# ------------------------------------------------------------------------------------------
+def tiny_model(kind="qwen2", tie=True, dtype=torch.float64):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    Config, Model = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    torch.manual_seed(1)
+    tok = make_tokenizer()
+    config = Config(vocab_size=len(tok) + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                    initializer_range=0.2, tie_word_embeddings=tie,  # layers that outweigh the embedding
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return Model(config).to(dtype).eval(), tok
+
+
+def hf_greedy(model, prompts, stop_ids, pad_id, n):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                         eos_token_id=stop_ids, pad_token_id=pad_id)
+    return [sdpg.cut_at_stop(row, stop_ids)[0] for row in out[:, width:].tolist()]
+
+
+@pytest.mark.parametrize("kind,tie,attention", [("qwen2", True, "sdpa"), ("qwen2", False, "sdpg_decode"),
+                                                ("qwen3", True, "sdpg_decode"), ("qwen3", False, "sdpa")])
+def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
+    model, tok = tiny_model(kind, tie)
+    questions = ["Tom has 3 pens.", "How many pens does Tom have now, after he gets 4 more?", "Go", "2+2?"]
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    assert len(set(map(len, prompts))) == 4  # left padding of different widths
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    assert all(im_end in p for p in prompts)  # a stop token inside every prompt
+    n = 12
+    free = hf_greedy(model, prompts, [eos], eos, n)
+    # a token that rows reach at different steps becomes a stop token too
+    firsts = {t: {row.index(t) for row in free if t in row} for row in free for t in row}
+    extra = max(firsts, key=lambda t: len(firsts[t]))
+    stops = sorted({eos, im_end, extra})
+    want = hf_greedy(model, prompts, stops, eos, n)
+    assert len({len(r) for r in want}) > 1  # rows stop at different steps
+    if attention == "sdpg_decode":
+        sdpg.use_decode_attention(model)
+    got, truncated = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n), eos, stops, greedy=True)
+    assert got == want and truncated == [r[-1] not in stops for r in want]
+    # rows split by the memory budget give the same tokens
+    split, _ = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n, sample_memory_mb=0), eos, stops, greedy=True)
+    assert split == want
+
+
+def total_variation_bound(p, n):
+    """E[TV(empirical, p)] <= 1/2 sum_a sqrt(p_a (1 - p_a) / n) (Jensen); we allow 3x that."""
+    return 1.5 * (p * (1 - p) / n).sqrt().sum().item()
+
+
+def test_exponential_race_samples_the_tempered_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(40) * 2.0
+    n, temperature = 20000, 0.7
+    draws = sdpg.sample_token(logits.expand(n, 40), temperature)                    # (n,)
+    freq = torch.bincount(draws, minlength=40).double() / n
+    p = torch.softmax(logits.double() / temperature, -1)
+    tv = lambda q: 0.5 * (freq - q).abs().sum().item()
+    assert tv(p) < total_variation_bound(p, n)
+    assert tv(torch.softmax(logits.double(), -1)) > total_variation_bound(p, n)  # T = 1 is told apart
+
+
+def test_first_sampled_token_follows_the_model_softmax():
+    model, tok = tiny_model("qwen2", True, torch.float32)
+    prompt = sdpg.chat_prompt(tok, [{"role": "user", "content": "Count to three."}])
+    n, temperature = 4000, 1.3
+    torch.manual_seed(0)
+    out, _ = sdpg.generate(model, [prompt] * n, sdpg.Config(max_response_tokens=1, temperature=temperature),
+                           tok.eos_token_id, [tok.eos_token_id])
+    freq = torch.bincount(torch.tensor([r[0] for r in out]), minlength=model.config.vocab_size).double() / n
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / temperature, -1)
+    assert 0.5 * (freq - p).abs().sum().item() < total_variation_bound(p, n)
+
+
+def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    rollouts = injected_rollouts(tiny["model"])  # gates: samples 0, 2 and 7 (A > 0)
+    teacher_prompts = set(map(tuple, rollouts.teacher_ids))
+    rows = []
+    real_hidden = sdpg.response_hidden
+    monkeypatch.setattr(sdpg, "response_hidden", lambda m, p, r, *a: rows.extend(
+        [len(x) for x, y in zip(r, p) if tuple(y) in teacher_prompts]) or real_hidden(m, p, r, *a))
+    cfg = sdpg.Config(ppo_minibatches=1, micro_batch_tokens=10**6)
+    sums = sdpg.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, 0)
+    gated = [len(rollouts.response_ids[i]) for i in (0, 2, 7)]
+    assert sorted(rows) == sorted(gated) and sums["teacher_tokens"] == sum(gated)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph path)")
+def test_cuda_graph_decode_equals_eager_and_bf16_greedy_matches_hf():
+    model, tok = tiny_model("qwen2", True, torch.float32)
+    model = sdpg.sampling_policy(model.cuda())  # bf16 copy with the grouped-query decode attention
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    cfg, eos = sdpg.Config(max_response_tokens=40), tok.eos_token_id
+    torch.manual_seed(0)
+    graphed = sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=False)
+    eager, sdpg.graphed_decode_step = sdpg.graphed_decode_step, sdpg.decode_step
+    try:
+        torch.manual_seed(0)
+        assert sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=False) == graphed
+    finally:
+        sdpg.graphed_decode_step = eager
+    ours = sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=True)
+    model.config._attn_implementation = "sdpa"
+    for row, want in zip(ours, hf_greedy(model, prompts, [eos], eos, 40)):
+        if row[:len(want)] != want:  # allowed only after a near-tie in bf16
+            j = next(j for j, (a, b) in enumerate(zip(row, want)) if a != b)
+            prompt = prompts[ours.index(row)]
+            with torch.no_grad():
+                top = model(torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1].float().topk(2).values
+            assert (top[0] - top[1]).item() < 0.1, (j, top)
+
+
+# ------------------------------------------------------------------------------------------
 # Verifier
 # ------------------------------------------------------------------------------------------
 B, H = "boxed", "hash"
