@@ -13,16 +13,16 @@ Plain GRPO with the same code path (no teacher forward, no reference model):
     python sdpg.py --beta 0 --alpha 0
 A local model and data file, on the CPU:
     python sdpg.py --model ./my-model --task ./problems.jsonl --device cpu
-Resume, and DDP on 8 GPUs (one node) or 2 x 8 GPUs (two nodes):
+Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
     torchrun --nproc_per_node=8 sdpg.py
-    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 sdpg.py
 
 The file reads in the order of Algorithm 1: data and prompts (x, c), rollouts, the verifier,
 group advantages and the gate, the loss terms (one function per equation), the fused
 full-vocabulary head, the update, and the training loop.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -51,7 +51,6 @@ class Config:
     task: str = opt("gsm8k", "'gsm8k', or a .jsonl/.json/.parquet of question/answer[/context] or verl rows")
     eval_task: str = opt("", "comma-separated evaluation sets; empty: the gsm8k test split, or the --task file")
     answer_format: str = opt("boxed", "'boxed' (Figure 4's \\boxed{}) or 'hash' (GSM8K's final '#### N'), prompt and verifier")
-    trust_remote_code: bool = opt(False, "allow model code from the Hub")
     out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
     seed: int = opt(0, "random seed (each DDP rank adds its rank)")
     device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'")
@@ -61,24 +60,20 @@ class Config:
     max_prompt_tokens: int = opt(1024, "prompts (the teacher's, with c, included) longer than this are skipped")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
-    top_p: float = opt(1.0, "nucleus sampling for rollouts")
     sample_memory_mb: int = opt(16384, "memory (MB) for the sampler's KV cache and logits; past it, rows are split")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
     beta_warmup: int = opt(-1, "T_warm of the beta schedule in steps (-1: T/8, the paper's 50 of 400; 0: none)")
     beta_decay: int = opt(-1, "T_decay of the beta schedule in steps (-1: 7T/8, the paper's 350 of 400; 0: none)")
-    kl_mode: str = opt("urkl", "reference-KL surrogate: urkl | ufkl | fkl | rkl")
+    kl_mode: str = opt("urkl", "reference-KL surrogate: urkl (SDPG-URKL) or ufkl (SDPG-UFKL)")
     gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
-    eps_std: float = opt(1e-6, "eps_std of the group advantage (Eq. 2.1)")
     eps_low: float = opt(0.2, "lower clip of the importance ratio")
     eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)")
     clip_c: float = opt(10.0, "dual-clip constant c for A < 0")
     # optimisation
     total_steps: int = opt(400, "T: training steps")
     lr: float = opt(1e-6, "AdamW learning rate")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
     weight_decay: float = opt(0.1, "AdamW weight decay")
     grad_clip: float = opt(1.0, "max global gradient norm")
     lr_warmup: int = opt(10, "steps of linear learning-rate warmup")
@@ -115,23 +110,11 @@ def autocast(device):
 
 
 def cuda_compiled(fn, **options):
-    """fn through torch.compile when its first tensor argument is on CUDA; elsewhere, and if
-    compilation fails (no Triton, an old GPU, ...), the same code runs eagerly."""
+    """fn through torch.compile when its first tensor argument is on CUDA, else eagerly. Where
+    compilation fails (no Triton, an old GPU, ...) dynamo logs it and runs fn eagerly."""
+    torch._dynamo.config.suppress_errors = True
     compiled = torch.compile(fn, **options)
-    state = {"ok": True}
-
-    def run(*args):
-        if next(a for a in args if torch.is_tensor(a)).is_cuda and state["ok"]:
-            try:
-                return compiled(*args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # correct, only slower
-                print(f"warning: torch.compile of {fn.__name__} failed ({type(e).__name__}); "
-                      "running it eagerly", file=sys.stderr)
-                state["ok"] = False
-        return fn(*args)
-    return run
+    return lambda *args: (compiled if next(a for a in args if torch.is_tensor(a)).is_cuda else fn)(*args)
 
 
 def distributed():
@@ -149,33 +132,13 @@ def all_sum(t):
     return t
 
 
-def all_max(t):
-    """Maximum of a tensor over ranks in place (identity on one process)."""
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def all_reduce_grads(params, bucket_numel=2**26):
+def all_reduce_grads(params):
     """Sum gradients over ranks. The loss is already divided by the global token count, so the
     sum is the gradient of the global token-mean, equal to one process on the whole batch."""
-    if not distributed():
-        return
-    for p in params:  # a parameter unused on this rank still takes part in the sum
-        if p.grad is None:
+    for p in params if distributed() else ():
+        if p.grad is None:  # a parameter unused on this rank still takes part in the sum
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    bucket, numel = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            numel += g.numel()
-        if bucket and (g is None or numel >= bucket_numel):
-            flat = torch.cat([b.reshape(-1).float() for b in bucket])  # (numel,) fp32
-            dist.all_reduce(flat)
-            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view_as(b))
-            bucket, numel = [], 0
+        dist.all_reduce(p.grad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,14 +159,6 @@ HINT_SOLUTION = (
     "different substitution). If no alternative exists, articulate the standard approach with "
     "exceptional clarity. Do NOT state that you were given the answer or reference."
 )
-
-
-def problem_messages(question, answer, solution):
-    """The user turn of Figure 4: the student prompt, the marker, then the hint c (its first
-    sentence alone where there is no worked solution)."""
-    hint = HINT.format(answer=answer) + (HINT_SOLUTION.format(answer=answer, solution=solution) if solution else "")
-    prompt = STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=question)
-    return [{"role": "user", "content": prompt + TEACHER_CONTEXT + hint}]
 
 
 def resolve_model_name(name):
@@ -251,8 +206,12 @@ def load_problems(task, split):
         if isinstance(r, dict) and isinstance(r.get("prompt"), list):  # verl's format
             answer, messages = str((r.get("reward_model") or {}).get("ground_truth", "")), r["prompt"]
         elif isinstance(r, dict) and "question" in r and "answer" in r:
-            answer = str(r["answer"]).rsplit("####", 1)[-1].strip()
-            messages = problem_messages(str(r["question"]), answer, str(r.get("context") or ""))
+            # Figure 4's user turn: the student prompt, the marker, then the hint c (its first
+            # sentence alone where there is no worked solution)
+            answer, solution = str(r["answer"]).rsplit("####", 1)[-1].strip(), str(r.get("context") or "")
+            hint = HINT.format(answer=answer) + (HINT_SOLUTION.format(answer=answer, solution=solution) if solution else "")
+            messages = [dict(role="user", content=STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=r["question"])
+                             + TEACHER_CONTEXT + hint)]
         else:
             raise UserError(f"{task}: row {i + 1} has neither question/answer nor a verl prompt")
         if reference_answer(answer) is None:
@@ -305,12 +264,10 @@ def build_prompts(tokenizer, problems, max_tokens, with_teacher, answer_format="
 # ------------------------------------------------------------------------------------------
 def stop_token_ids(tokenizer, model):
     """EOS and the chat end-of-turn: for Qwen both <|endoftext|> and <|im_end|>."""
-    ids = {tokenizer.eos_token_id}
     eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos])
-    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        if t in tokenizer.get_vocab():
-            ids.add(tokenizer.convert_tokens_to_ids(t))
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+    ids |= {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+            if t in tokenizer.get_vocab()}
     return sorted(i for i in ids if i is not None)
 
 
@@ -390,29 +347,21 @@ def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
     return out.tolist()
 
 
-DECODE_LOOP_MODELS = ("qwen2", "qwen3", "llama", "mistral")
-
-
-def rows_per_call(model, width, memory_mb):
-    """Rows whose KV cache (width tokens each) and fp32 logits fit memory_mb."""
-    c, dtype = model.config, next(model.parameters()).dtype
-    kv_heads, head_dim = getattr(c, "num_key_value_heads", c.num_attention_heads), getattr(c, "head_dim", None)
-    kv_bytes = 2 * c.num_hidden_layers * kv_heads * (head_dim or c.hidden_size // c.num_attention_heads) * width
-    per_row = kv_bytes * (2 if dtype != torch.float32 else 4) + 3 * 4 * c.vocab_size
-    return max(1, int(memory_mb * 2**20) // per_row)
-
-
 @torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample"):
     """Responses (token lists, stop token included) and truncation flags. All rows go in one call
     unless the KV cache would pass --sample-memory-mb; model families the decode loop does not
-    know, and top-p below 1, fall back to model.generate."""
-    device = next(model.parameters()).device
-    ours = model.config.model_type in DECODE_LOOP_MODELS and (greedy or cfg.top_p >= 1)
+    know fall back to model.generate."""
+    c, device, element = model.config, next(model.parameters()).device, next(model.parameters()).element_size()
+    ours = c.model_type in ("qwen2", "qwen3", "llama", "mistral")  # the families the decode loop knows
     if not ours and not getattr(model, "_sdpg_notice", False):
-        print(f"notice: sampling with model.generate ({model.config.model_type}, top-p {cfg.top_p})", file=sys.stderr)
+        print(f"notice: sampling with model.generate ({c.model_type})", file=sys.stderr)
         model._sdpg_notice = True
-    rows = rows_per_call(model, max(map(len, prompts), default=0) + cfg.max_response_tokens, cfg.sample_memory_mb)
+    # rows per call: as many as fit their KV cache (width tokens each) and fp32 logits in the budget
+    width = max(map(len, prompts), default=0) + cfg.max_response_tokens
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_bytes = 2 * c.num_hidden_layers * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * width
+    rows = max(1, int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size))
     responses, truncated = [], []
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
         batch = prompts[i: i + rows]
@@ -422,11 +371,10 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample")
             width = max(map(len, batch))
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
             with autocast(device):
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
-                                     eos_token_id=stop_ids, pad_token_id=pad_id,
-                                     **(dict(do_sample=False) if greedy else sampling))[:, width:].tolist()
+                                     eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=not greedy,
+                                     temperature=cfg.temperature, top_k=0)[:, width:].tolist()
         for row in out:
             tokens, cut = cut_at_stop(row, stop_ids)
             responses.append(tokens)
@@ -437,7 +385,8 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample")
 def sampling_policy(model):
     """The policy that samples: on CUDA a bf16 copy of the fp32 master weights (2 bytes a
     parameter) with the grouped-query decode attention, refreshed in place after every update
-    (sync_sampling_policy) so that captured CUDA graphs stay valid; on the CPU the policy itself."""
+    (load_state_dict copies in place) so that captured CUDA graphs stay valid; on the CPU the
+    policy itself."""
     if not next(model.parameters()).is_cuda:
         return model
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
@@ -454,13 +403,6 @@ def use_decode_attention(model):
     AttentionMaskInterface.register("sdpg_decode", sdpa_mask)
     model.config._attn_implementation = "sdpg_decode"
     return model
-
-
-@torch.no_grad()
-def sync_sampling_policy(sampler, model):
-    if sampler is not model:
-        for a, b in zip(sampler.parameters(), model.parameters()):
-            a.copy_(b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -550,16 +492,12 @@ def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
 def ref_kl_penalty(logp, ref_logp, mode="urkl"):
     """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens,
     log w = log pi_theta(y_t) - log pi_ref(y_t). Its gradient w.r.t. logp is the REINFORCE
-    coefficient of that KL: urkl log w, ufkl 1 - 1/w, fkl -1/w, rkl log w + 1."""
+    coefficient of that KL: urkl log w, ufkl 1 - 1/w."""
     log_w = logp - ref_logp
     if mode == "urkl":
         return 0.5 * log_w ** 2            # unnormalised reverse KL: (1/2) log^2 w
     if mode == "ufkl":
         return torch.exp(-log_w) + log_w   # unnormalised forward KL: 1/w + log w
-    if mode == "fkl":
-        return torch.exp(-log_w)           # forward KL: 1/w
-    if mode == "rkl":
-        return 0.5 * (log_w + 1) ** 2      # reverse KL: (1/2)(log w + 1)^2
     raise ValueError(f"unknown kl mode {mode!r}")
 
 
@@ -641,9 +579,8 @@ KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and n
 
 
 def head_chunk_size(vocab_size, memory_mb, device_type="cuda"):
-    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb. On CUDA (compiled)
-    these are the student and teacher logits and the gradient, in bf16; eagerly about eight
-    fp32 temporaries."""
+    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb: on CUDA (compiled) the
+    bf16 student and teacher logits and gradient; eagerly about eight fp32 temporaries."""
     bytes_per_row = vocab_size * (3 * 2 if device_type == "cuda" else 8 * 4)
     return max(1, int(memory_mb * 2**20) // bytes_per_row)
 
@@ -725,20 +662,9 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
                                old_logp, ref_logp, n_tokens, hp, chunk, matmul_dtype)
 
 
-@torch.no_grad()
-def sampled_logprobs(hidden, weight, tokens, temperature=1.0, memory_mb=2048, matmul_dtype=None):
-    """log pi(y_t) for the reference and old policies, with the head's chunks and the same
-    log-softmax (logit_stats): (N, H) -> (N,), never (N x V)."""
-    dtype = matmul_dtype or hidden.dtype
-    w = weight.to(dtype)                                                            # (V, H)
-    chunk = head_chunk_size(weight.shape[0], memory_mb, hidden.device.type)
-    out = [fused_logit_stats(hidden[s:s + chunk].to(dtype) @ w.T, None, tokens[s:s + chunk], temperature)[0]
-           for s in range(0, hidden.shape[0], chunk)]                               # (c,) each
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32))
-
-
 # ------------------------------------------------------------------------------------------
-# Forward passes to final hidden states (never to logits)
+# The update: forward passes to final hidden states (never to logits), Eq. 3.1 over the batch,
+# one global token-mean, clipped AdamW
 # ------------------------------------------------------------------------------------------
 def response_hidden(model, prompts, responses, pad_id):
     """Final-norm hidden states that predict each response token, flattened: (sum |y_i|, H).
@@ -768,9 +694,6 @@ def micro_batches(samples, token_budget):
     return batches + [current] if current else batches
 
 
-# ------------------------------------------------------------------------------------------
-# The update: Eq. 3.1 over the batch, one global token-mean, clipped AdamW
-# ------------------------------------------------------------------------------------------
 @dataclass
 class Rollouts:
     """One step's samples, in group order. Per sample: prompt ids (student, teacher), response
@@ -784,22 +707,20 @@ class Rollouts:
     old_logp: list = None
 
 
-def per_token(values, lengths):
-    """(S,) per-sample values -> (sum lengths,) per-token values."""
-    return torch.repeat_interleave(values, torch.as_tensor(lengths, device=values.device))
-
-
+@torch.no_grad()
 def score_tokens(model, rollouts, cfg, pad_id):
-    """log pi(y_t | x, y<t) of the sampled tokens under `model`, no grad: a list of (|y_i|,)."""
+    """log pi(y_t | x, y<t) of the sampled tokens under `model` (the reference, or pi_old): a list
+    of (|y_i|,), with the head's chunks and log-softmax (logit_stats), never (tokens x V) logits."""
     weight, out = model.get_output_embeddings().weight, []
-    dtype = torch.bfloat16 if weight.is_cuda else None
+    w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
+    chunk = head_chunk_size(weight.shape[0], cfg.head_memory_mb, weight.device.type)
     prompts, responses = rollouts.student_ids, rollouts.response_ids
     for mb in micro_batches([len(p) + len(r) for p, r in zip(prompts, responses)], cfg.micro_batch_tokens):
         resp = [responses[i] for i in mb]
-        with torch.no_grad():
-            hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id)  # (n, H)
-        tokens = torch.tensor(sum(resp, []), device=weight.device)                 # (n,)
-        logp = sampled_logprobs(hidden, weight, tokens, cfg.temperature, cfg.head_memory_mb, dtype)  # (n,)
+        hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
+        tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
+        logp = torch.cat([fused_logit_stats(hidden[s:s + chunk] @ w.T, None, tokens[s:s + chunk], cfg.temperature)[0]
+                          for s in range(0, len(tokens), chunk)])                           # (n,)
         out.extend(logp.float().split([len(r) for r in resp]))
     return out
 
@@ -811,11 +732,9 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     weight = model.get_output_embeddings().weight
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
-    S = len(rollouts.response_ids)
-    sums = dict(tokens=0.0, loss=0.0, kl=0.0, kl_tokens=0.0, ref_kl=0.0, entropy=0.0, clipped=0.0,
-                approx_kl=0.0, teacher_tokens=0.0, grad_norm=0.0, skipped=0.0, teacher_s=0.0, steps=0.0)
+    sums = collections.defaultdict(float)
     model.train()
-    for minibatch in torch.tensor_split(torch.arange(S), cfg.ppo_minibatches):  # same count on every rank
+    for minibatch in torch.tensor_split(torch.arange(len(rollouts.response_ids)), cfg.ppo_minibatches):  # same count on every rank
         minibatch = minibatch.tolist()
         lengths = [len(rollouts.response_ids[i]) for i in minibatch]
         n_tokens = all_sum(torch.tensor(float(sum(lengths)), device=device)).item()
@@ -828,8 +747,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             resp = [rollouts.response_ids[i] for i in idx]
             lens = [len(r) for r in resp]
             tokens = torch.tensor(sum(resp, []), device=device)                  # (n,)
-            adv = per_token(rollouts.advantages[idx].to(device), lens)          # (n,)
-            kl_w = per_token(rollouts.kl_weight[idx].to(device), lens)          # (n,)
+            per_token = lambda values: torch.repeat_interleave(values.to(device), torch.tensor(lens, device=device))
+            adv, kl_w = per_token(rollouts.advantages[idx]), per_token(rollouts.kl_weight[idx])  # (n,) each
             gated = [i for i in idx if rollouts.kl_weight[i] != 0]
             teacher = None
             if gated:
@@ -852,7 +771,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             logp, kl, entropy = stats.float()                                   # (n,) each
             log_rho = logp - old if old is not None else torch.zeros_like(logp)   # (n,)
             rho = log_rho.exp()                                                 # (n,)
-            distilled = (kl_w != 0) & (teacher is not None)                     # (n,)
+            distilled = kl_w != 0                                               # (n,)
             clipped = ((adv > 0) & (rho > 1 + cfg.eps_high)) | ((adv < 0) & (rho < 1 - cfg.eps_low))
             ref_kl = ref_kl_penalty(logp, ref, cfg.kl_mode) if ref is not None else torch.zeros_like(logp)
             totals = torch.stack([entropy.sum(), (kl * distilled).sum(), distilled.sum(), ref_kl.sum(),
@@ -877,13 +796,17 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
 # ------------------------------------------------------------------------------------------
 # Model loading, evaluation and checkpoints
 # ------------------------------------------------------------------------------------------
-def load_model(path, cfg, device, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+def load_pretrained(kind, path, **kwargs):
+    """transformers' AutoModelForCausalLM or AutoTokenizer; a failure is one error line."""
+    import transformers
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return getattr(transformers, kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {first_line(e)}") from None
-    return model.to(device)
+        raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
+
+
+def load_model(path, cfg, device, dtype=torch.float32):
+    return load_pretrained("AutoModelForCausalLM", path, dtype=dtype).to(device)
 
 
 def make_optimizer(model, cfg):
@@ -891,7 +814,7 @@ def make_optimizer(model, cfg):
     sharded over the ranks (ZeRO-1): each rank updates its share of the parameters from the
     all-reduced gradients and broadcasts them, the same update as unsharded AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+    kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                   fused=params[0].is_cuda or None)
     if distributed():
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -901,56 +824,32 @@ def make_optimizer(model, cfg):
 
 def check_plain_head(model):
     """The fused head computes logits as h @ W.T: refuse a model whose logits are anything else."""
-    config = model.config
-    reasons = [name for name, found in (
-        ("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None) is not None),
-        ("final-logit softcapping", getattr(config, "final_logit_softcapping", None) is not None),
-        ("a logit scale", getattr(config, "logit_scale", None) not in (None, 1.0)),
-        ("a logit scale", getattr(config, "logits_scaling", None) not in (None, 1.0))) if found]
-    if reasons:
-        raise UserError(f"this model's logits are not h @ W.T ({reasons[0]}); the fused head cannot train it")
-
-
-def load_tokenizer(path, cfg):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {path!r}: {first_line(e)}") from None
-    if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    c = model.config
+    for reason, found in (("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None) is not None),
+                          ("final-logit softcapping", getattr(c, "final_logit_softcapping", None) is not None),
+                          ("a logit scale", {getattr(c, "logit_scale", 1.0), getattr(c, "logits_scaling", 1.0)} - {None, 1.0})):
+        if found:
+            raise UserError(f"this model's logits are not h @ W.T ({reason}); the fused head cannot train it")
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems, cfg, stop_ids, show=2):
-    """Greedy pass@1, or mean@k at --temperature with --eval-samples k; sharded over ranks and
-    summed. Prints a few responses on rank 0."""
+def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
+    """accuracy/<set> for each set, greedy pass@1 (or mean@k at --temperature with --eval-samples
+    k), sharded over ranks and summed; accuracy is their mean. Prints a few responses on rank 0."""
     rank, world = rank_and_world()
-    mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
     model.eval()
-    responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                            stop_ids, greedy=cfg.eval_samples == 1, desc="eval") if mine else ([], [])
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
-    totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64,
-                                  device=next(model.parameters()).device))
-    if rank == 0:
-        for t, p in list(zip(texts, mine))[:show]:
-            tqdm.write(f"--- eval sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def evaluate_sets(model, tokenizer, eval_sets, cfg, stop_ids):
-    """{accuracy/<set>: ...} for each evaluation set, and accuracy: their mean."""
-    scores = {f"accuracy/{name}": evaluate(model, tokenizer, problems, cfg, stop_ids)
-              for name, problems in eval_sets.items()}
+    scores = {}
+    for name, problems in eval_sets.items():
+        mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
+        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
+                                stop_ids, greedy=cfg.eval_samples == 1, desc="eval") if mine else ([], [])
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
+        totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=next(model.parameters()).device))
+        scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
+        for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
+            tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
     return dict(accuracy=sum(scores.values()) / len(scores), **scores)
-
-
-def rng_state():
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps):
@@ -958,12 +857,11 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
     trainer_state.pt for --resume. Written to a temporary directory, then renamed, so a crash
     mid-save never spoils the last good checkpoint."""
     rank, world = rank_and_world()
-    rngs = [None] * world
+    rngs = [dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)] * world
     if distributed():
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rngs[rank])
         optimizer.consolidate_state_dict(to=0)  # ZeRO-1: every rank's AdamW shard, gathered on rank 0
-    else:
-        rngs = [rng_state()]
     if rank == 0:
         final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
         tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
@@ -973,8 +871,7 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         rng=rngs, data_position=step * cfg.batch_size, bad_steps=bad_steps,
                         config=dataclasses.asdict(cfg)), os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     if distributed():
         dist.barrier()
@@ -989,7 +886,9 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                                            (groups.min(1).values == groups.max(1).values).sum().item(),
                                            len(groups), gate.sum().item(), sum(truncated)]
     t = dict(zip(keys, all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
-    longest = all_max(torch.tensor(float(max(map(len, responses))), device=device)).item()
+    longest = torch.tensor(float(max(map(len, responses))), device=device)
+    if distributed():
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     steps = max(1.0, sums["steps"])
     return dict(reward=t["reward"] / t["samples"], zero_spread_frac=t["flat_groups"] / t["groups"],
                 gate_ratio=t["gated"] / t["samples"],
@@ -997,7 +896,7 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
                 clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
                 entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
-                response_len_max=longest, truncated_frac=t["truncated"] / t["samples"],
+                response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
                 loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps, skipped_updates=t["skipped"],
                 teacher_tokens=t["teacher_tokens"], tokens=t["tokens"])
 
@@ -1021,10 +920,10 @@ def step_prompts(problems, step, cfg):
 # ------------------------------------------------------------------------------------------
 def train(cfg):
     rank, world = rank_and_world()
-    if cfg.kl_mode not in ("urkl", "ufkl", "fkl", "rkl"):
-        raise UserError(f"unknown --kl-mode {cfg.kl_mode!r}: use urkl, ufkl, fkl or rkl")
-    if cfg.answer_format not in ANSWER_FORMATS:
-        raise UserError(f"unknown --answer-format {cfg.answer_format!r}: use boxed or hash")
+    for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
+                              ref_dtype=("auto", "bf16", "fp32"), device=("auto", "cuda", "cpu")).items():
+        if getattr(cfg, flag) not in allowed:
+            raise UserError(f"unknown --{flag.replace('_', '-')} {getattr(cfg, flag)!r}: use {', '.join(allowed)}")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
@@ -1034,10 +933,6 @@ def train(cfg):
                         "samples each rank holds")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
-    if cfg.ref_dtype not in ("auto", "bf16", "fp32"):
-        raise UserError(f"unknown --ref-dtype {cfg.ref_dtype!r}: use auto, bf16 or fp32")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"unknown --device {cfg.device!r}: use auto, cuda or cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available")
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -1047,17 +942,17 @@ def train(cfg):
 
     # 1. data, prompts, models (all checked before anything is written)
     model_path = resolve_model_name(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg)
+    tokenizer = load_pretrained("AutoTokenizer", model_path)
+    if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
+        tokenizer.pad_token = tokenizer.eos_token
     distil, anchor = cfg.beta > 0, cfg.alpha > 0
     train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens, distil,
                               cfg.answer_format)
-    eval_sets = {}  # name -> problems
+    eval_sets = {}  # set name ('gsm8k', or the file's name) -> problems
     for task in filter(None, (cfg.eval_task or cfg.task).split(",")):
-        name = task if task == "gsm8k" else os.path.splitext(os.path.basename(task))[0]
-        problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False,
-                                 cfg.answer_format)
-        eval_sets[name] = problems[: cfg.eval_n or None]
-    eval_sets = {name: problems for name, problems in eval_sets.items() if problems}
+        problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False, cfg.answer_format)
+        if problems:
+            eval_sets[os.path.splitext(os.path.basename(task))[0]] = problems[: cfg.eval_n or None]
     if not train_set:
         raise UserError(f"no usable training problems in {cfg.task!r}")
     model = load_model(cfg.resume or model_path, cfg, device)
@@ -1066,9 +961,7 @@ def train(cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the frozen reference pi_ref is the initial policy, also on resume
     ref_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.ref_dtype, torch.bfloat16 if use_cuda else torch.float32)
-    ref_model = load_model(model_path, cfg, device, ref_dtype) if anchor else None
-    if ref_model is not None:
-        ref_model.eval().requires_grad_(False)
+    ref_model = load_model(model_path, cfg, device, ref_dtype).eval().requires_grad_(False) if anchor else None
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     sampler = sampling_policy(model)  # the policy itself on the CPU, a bf16 copy on CUDA
@@ -1093,8 +986,6 @@ def train(cfg):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:  # a fresh run starts a fresh metrics file; a resumed one keeps the earlier steps
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
         earlier = []
         if cfg.resume and os.path.exists(metrics_path):
             with open(metrics_path) as f:
@@ -1103,7 +994,7 @@ def train(cfg):
             f.writelines(earlier)
 
     if start == 1 and eval_sets:  # the starting point: step 0
-        scores = evaluate_sets(sampler, tokenizer, eval_sets, cfg, stop_ids)
+        scores = evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(dict(step=0, **scores)) + "\n")
@@ -1127,7 +1018,7 @@ def train(cfg):
         t0 = time.perf_counter()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, group)])  # (S,)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.eps_std)             # (S,)
+        advantages = group_advantages(rewards, cfg.group_size)                          # (S,)
         gate = (advantages > 0).float() if cfg.gate else torch.ones_like(advantages)   # (S,)
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         timings["verify_s"] = time.perf_counter() - t0
@@ -1138,7 +1029,6 @@ def train(cfg):
         if anchor:
             rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id)
         if cfg.ppo_minibatches > 1:
-            model.eval()
             rollouts.old_logp = score_tokens(model, rollouts, cfg, pad_id)
         timings["ref_s"] = time.perf_counter() - t0
         # 5. update: teacher forward, student forward, fused head, AdamW
@@ -1146,7 +1036,8 @@ def train(cfg):
         lr = scheduler.get_last_lr()[0]
         sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
         scheduler.step()
-        sync_sampling_policy(sampler, model)
+        if sampler is not model:  # the bf16 sampling copy, refreshed in place
+            sampler.load_state_dict(model.state_dict())
         timings["teacher_s"] = sums["teacher_s"]
         timings["update_s"] = time.perf_counter() - t0 - sums["teacher_s"]
         bad_steps = bad_steps + 1 if sums["skipped"] else 0
@@ -1162,7 +1053,7 @@ def train(cfg):
         row["accuracy"] = None  # logged on the steps that evaluate
         if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             t0 = time.perf_counter()
-            row.update(evaluate_sets(sampler, tokenizer, eval_sets, cfg, stop_ids))
+            row.update(evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids))
             row["eval_s"] = time.perf_counter() - t0
         if rank == 0:
             with open(metrics_path, "a") as f:

@@ -123,8 +123,6 @@ def test_beta_schedule_edges():
 @pytest.mark.parametrize("mode,value,grad", [
     ("urkl", lambda lw: 0.5 * lw ** 2, lambda lw: lw),
     ("ufkl", lambda lw: torch.exp(-lw) + lw, lambda lw: 1 - torch.exp(-lw)),
-    ("fkl", lambda lw: torch.exp(-lw), lambda lw: -torch.exp(-lw)),
-    ("rkl", lambda lw: 0.5 * (lw + 1) ** 2, lambda lw: lw + 1),
 ])
 def test_ref_kl_penalty_value_and_gradient(mode, value, grad):
     logp = torch.tensor([-0.5, -2.0, -0.1], dtype=torch.float64, requires_grad=True)
@@ -978,7 +976,7 @@ def test_torchrun_two_processes_and_sharded_resume(tiny, tmp_path):
     torchrun(run_args(tiny, full) + extra)
     rows = read_metrics(full)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and all(finite_row(r) for r in rows)
-    assert sorted(os.listdir(full)) == ["checkpoint-2", "checkpoint-4", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(full)) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]
     torchrun(run_args(tiny, resumed) + extra + ["--resume", str(full / "checkpoint-2")])
     timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s"}
     assert [timing(r) for r in rows[-2:]] == [timing(r) for r in read_metrics(resumed)]
@@ -1070,6 +1068,125 @@ def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
                 torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------------
+# Sampler benchmark (not a test): python test_sdpg.py --bench-sample
+# ------------------------------------------------------------------------------------------
+def timed(fn, device):
+    """(seconds, fn()), the device synchronised on both sides."""
+    import time
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def bench_sampler(config, rows, prompt_len, new_tokens, device, save_to=None):
+    """Tokens/s of model.generate (dynamic cache; on CUDA also static cache, auto-compiled) and of
+    sdpg.generate, sampling at temperature 1 from random weights, each timed after one warm-up call.
+    With save_to, the fp32 model and a tokenizer are written there for sdpg.main."""
+    import copy
+    import transformers
+    from transformers import Qwen2ForCausalLM
+    cuda = device == "cuda"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).eval()  # fp32 master weights, as train() loads them
+    sampler = sdpg.sampling_policy(model)  # CUDA: bf16 copy + decode attention; CPU: the model
+    hf = copy.deepcopy(model).to(torch.bfloat16) if cuda else model
+    prompts = torch.randint(0, config.vocab_size, (rows, prompt_len), device=device)
+    never = config.vocab_size - 1  # the only stop id: sampled with p ~ 1/V, so rows run to the end
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=new_tokens,
+                    max_new_tokens=new_tokens, eos_token_id=never, pad_token_id=0)
+
+    def hf_generate(**extra):
+        return lambda: rows * (hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                           **sampling, **extra).shape[1] - prompt_len)
+
+    def ours():
+        responses, _ = sdpg.generate(sampler, prompts.tolist(), sdpg.Config(max_response_tokens=new_tokens), 0, [never])
+        return sum(map(len, responses))
+    methods = [("HF generate, dynamic cache", hf_generate())]
+    if cuda:
+        methods.append(("HF generate, static cache, compiled", hf_generate(cache_implementation="static")))
+    methods.append(("sdpg.generate", ours))
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {'bf16' if cuda else 'fp32'}; H={config.hidden_size}, "
+          f"L={config.num_hidden_layers}, V={config.vocab_size}; {rows} rows x {new_tokens} new tokens, "
+          f"{prompt_len}-token prompts", flush=True)
+    print(f"{'method':<37} {'rows':>5} {'tokens':>8} {'warm-up s':>9} {'s':>7} {'tokens/s':>9} "
+          f"{'x dynamic':>9} {'peak GB':>8} {'+GB':>6}   (peak: all weights resident; +: above them)")
+    base = None
+    for name, fn in methods:
+        try:
+            warm, _ = timed(fn, device)  # compilation and CUDA-graph capture happen here
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
+            seconds, tokens = timed(fn, device)
+            rate = tokens / seconds
+            base = base or rate
+            peak = (f"{torch.cuda.max_memory_allocated() / 2**30:8.2f} "
+                    f"{(torch.cuda.max_memory_allocated() - resident) / 2**30:6.2f}" if cuda else f"{'-':>8} {'-':>6}")
+            print(f"{name:<37} {rows:>5} {tokens:>8} {warm:>9.1f} {seconds:>7.2f} {rate:>9.0f} "
+                  f"{rate / base:>9.2f} {peak}", flush=True)
+        except Exception as e:
+            print(f"{name:<37} failed: {type(e).__name__}: {str(e).strip()[:300]}", flush=True)
+    if save_to:
+        tok = make_tokenizer()
+        model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(save_to)
+        tok.save_pretrained(save_to)
+
+
+def release():
+    """Free what a finished benchmark held: compiled code, CUDA graphs and their memory pools."""
+    import gc
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
+    """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens), SDPG and then
+    plain GRPO (--beta 0 --alpha 0), on the saved random model: the phases of steps 2 and 3."""
+    import shutil
+    fields = dict(sample_s=".2f", verify_s=".2f", ref_s=".2f", teacher_s=".2f", update_s=".2f", step_s=".2f",
+                  peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f")
+    args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
+            "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
+            "--total-steps", "3"]
+    print("\nrandom weights: rewards ~0, so the gate (A > 0) passes almost no sample to the teacher")
+    step_s = {}
+    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"])):
+        out = os.path.join(root, name)
+        default = sdpg.Config()
+        print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
+              f"{' '.join(args[4:] + extra)} (default --batch-size {default.batch_size} "
+              f"--group-size {default.group_size})", flush=True)
+        try:
+            sdpg.main(args + extra + ["--out-dir", out])
+            rows = [r for r in read_metrics(out) if r["step"] in steps]
+        except (Exception, SystemExit) as e:
+            print(f"{name} failed: {type(e).__name__}: {str(e).strip()[:300]}", flush=True)
+            continue
+        finally:
+            shutil.rmtree(out, ignore_errors=True)  # checkpoint-3: weights and AdamW state
+            release()  # each run compiles and captures its own graphs
+        print(f"{'step':>4} " + " ".join(f"{f:>{len(f)}}" for f in fields) + " sample_s/step_s")
+        for r in rows:
+            print(f"{r['step']:>4} " + " ".join(f"{'-' if r.get(f) is None else format(r[f], fmt):>{len(f)}}"
+                                                for f, fmt in fields.items())
+                  + f" {r['sample_s'] / r['step_s']:>15.1%}", flush=True)
+        step_s[name] = sum(r["step_s"] for r in rows) / max(1, len(rows))
+    if len(step_s) == 2:
+        print(f"\nSDPG step_s / GRPO (beta 0, alpha 0) step_s, mean of steps {steps}: "
+              f"{step_s['sdpg'] / step_s['grpo']:.2f}")
+
+
 if __name__ == "__main__" and "--bench" in sys.argv:
     budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 2048
     if torch.cuda.is_available():
@@ -1077,3 +1194,20 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
         bench([512, 2048], 64, 8192, torch.float32, "cpu", repeats=2)
+elif __name__ == "__main__" and "--bench-sample" in sys.argv:
+    import tempfile
+    from transformers import Qwen2Config
+    if torch.cuda.is_available():  # Qwen2.5-0.5B's shape, random weights
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                             rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+        with tempfile.TemporaryDirectory() as root:
+            bench_sampler(config, 512, 128, 256, "cuda", save_to=os.path.join(root, "model"))
+            release()
+            bench_sdpg_steps(os.path.join(root, "model"), root)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        config = Qwen2Config(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             tie_word_embeddings=True)
+        bench_sampler(config, 64, 32, 64, "cpu")
