@@ -102,8 +102,7 @@ def first_line(e):
 
 
 # ------------------------------------------------------------------------------------------
-# Helpers: bf16 autocast and torch.compile on CUDA; ranks (`python sdpg.py` never touches
-# torch.distributed)
+# Helpers: autocast and torch.compile on CUDA; ranks (`python sdpg.py` never uses torch.distributed)
 # ------------------------------------------------------------------------------------------
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
@@ -316,15 +315,16 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 @torch.no_grad()
 def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
     """One left-padded batch: a static KV cache sized to the longest prompt plus the response
-    budget, one prefill, then one decode step per token. (B, prompt) ids -> (B, N) tokens."""
+    budget (rounded up), one prefill, then one decode step per token. (B, prompt) ids -> (B, N) tokens."""
     from transformers import StaticCache
     device = next(model.parameters()).device
     B, P, N = len(prompts), max(map(len, prompts)), cfg.max_response_tokens
+    L = -(-(P + N) // 256) * 256  # cache length in steps of 256: few shapes, few graph compilations
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
     start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first real column
-    mask = (torch.arange(P + N, device=device) >= start[:, None]).long()                # (B, P+N) left pads 0
+    mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
     positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
-    cache = StaticCache(config=model.config, max_cache_len=P + N)
+    cache = StaticCache(config=model.config, max_cache_len=L)
     stops = torch.tensor(stop_ids, device=device)
     step = graphed_decode_step if device.type == "cuda" else decode_step
     with autocast(device):
