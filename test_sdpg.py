@@ -1094,7 +1094,11 @@ def bench_sampler(config, rows, prompt_len, new_tokens, device, save_to=None):
     with torch.device(device):
         model = Qwen2ForCausalLM(config).eval()  # fp32 master weights, as train() loads them
     sampler = sdpg.sampling_policy(model)  # CUDA: bf16 copy + decode attention; CPU: the model
-    hf = copy.deepcopy(model).to(torch.bfloat16) if cuda else model
+    hf = model
+    if cuda:  # bf16 weights, fp32 rotary buffers: as from_pretrained(dtype=bf16)
+        hf = copy.deepcopy(model)
+        for p in hf.parameters():
+            p.data = p.data.to(torch.bfloat16)
     prompts = torch.randint(0, config.vocab_size, (rows, prompt_len), device=device)
     never = config.vocab_size - 1  # the only stop id: sampled with p ~ 1/V, so rows run to the end
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=new_tokens,
@@ -1159,9 +1163,11 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
             "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
             "--total-steps", "3"]
-    print("\nrandom weights: rewards ~0, so the gate (A > 0) passes almost no sample to the teacher")
+    print("\nrandom weights: rewards ~0, so the gate (A > 0) would pass no sample to the teacher; the SDPG "
+          "run uses --no-gate and a constant beta, so the teacher runs on every token (its worst case)")
     step_s = {}
-    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"])):
+    for name, extra in (("sdpg", ["--no-gate", "--beta-warmup", "0", "--beta-decay", "0"]),
+                        ("grpo", ["--beta", "0", "--alpha", "0"])):
         out = os.path.join(root, name)
         default = sdpg.Config()
         print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
