@@ -971,7 +971,7 @@ def train(cfg):
     start, bad_steps = 1, 0
     if cfg.resume:
         state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-        changed = [k for k, v in state["config"].items() if k not in ("resume", "out_dir") and getattr(cfg, k) != v]
+        changed = [k for k, v in state["config"].items() if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
         if changed and rank == 0:
             print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
                   file=sys.stderr)
