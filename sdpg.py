@@ -49,23 +49,23 @@ class Config:
     # model and data
     model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
     task: str = opt("gsm8k", "'gsm8k', or a .jsonl/.json/.parquet of question/answer[/context] or verl rows")
-    eval_task: str = opt("", "comma-separated evaluation sets; empty: the gsm8k test split, or the --task file")
-    answer_format: str = opt("boxed", "'boxed' (Figure 4's \\boxed{}) or 'hash' (GSM8K's final '#### N'), prompt and verifier")
+    eval_task: str = opt("", "comma-separated evaluation sets; empty: gsm8k's test split, or the --task file")
+    answer_format: str = opt("boxed", "'boxed' (Figure 4) or 'hash' (a final '#### N'): prompt and verifier")
     out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
     seed: int = opt(0, "random seed (each DDP rank adds its rank)")
     device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'")
     # rollouts (Algorithm 1, lines 3-5)
     batch_size: int = opt(128, "prompts per step, over all ranks")
     group_size: int = opt(8, "G: sampled responses per prompt")
-    max_prompt_tokens: int = opt(1024, "prompts (the teacher's, with c, included) longer than this are skipped")
+    max_prompt_tokens: int = opt(1024, "skip prompts longer than this (the teacher's, with c, included)")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
-    sample_memory_mb: int = opt(16384, "memory (MB) for the sampler's KV cache and logits; past it, rows are split")
+    sample_memory_mb: int = opt(16384, "MB for the sampler's KV cache and logits; past it, rows are split")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
-    beta_warmup: int = opt(-1, "T_warm of the beta schedule in steps (-1: T/8, the paper's 50 of 400; 0: none)")
-    beta_decay: int = opt(-1, "T_decay of the beta schedule in steps (-1: 7T/8, the paper's 350 of 400; 0: none)")
+    beta_warmup: int = opt(-1, "T_warm in steps (-1: T/8, the paper's 50 of 400; 0: no warmup)")
+    beta_decay: int = opt(-1, "T_decay in steps (-1: 7T/8, the paper's 350 of 400; 0: no decay)")
     kl_mode: str = opt("urkl", "reference-KL surrogate: urkl (SDPG-URKL) or ufkl (SDPG-UFKL)")
     gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
     eps_low: float = opt(0.2, "lower clip of the importance ratio")
@@ -81,7 +81,7 @@ class Config:
     micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
     head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    ref_dtype: str = opt("auto", "reference model dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
+    ref_dtype: str = opt("auto", "reference dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
     # evaluation, logging, checkpoints
     eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)")
@@ -183,7 +183,8 @@ def load_problems(task, split):
             raise UserError(f"cannot load openai/gsm8k ({split}): {first_line(e)}") from None
         # the reference solution without its <<48/2=24>> calculator annotations
         rows = [dict(question=r["question"], answer=r["answer"].rsplit("####", 1)[-1].strip(),
-                     context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip()) for r in rows]
+                     context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
+                for r in rows]
     elif not task.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
     elif not os.path.isfile(task):
@@ -195,7 +196,7 @@ def load_problems(task, split):
                 rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
             else:
                 with open(task) as f:
-                    rows = [json.loads(line) for line in f if line.strip()] if task.endswith(".jsonl") else json.load(f)
+                    rows = json.load(f) if task.endswith(".json") else [json.loads(x) for x in f if x.strip()]
         except (ValueError, OSError) as e:
             raise UserError(f"cannot read {task}: {first_line(e)}") from None
     if not isinstance(rows, list) or not rows:
@@ -208,9 +209,9 @@ def load_problems(task, split):
             # Figure 4's user turn: the student prompt, the marker, then the hint c (its first
             # sentence alone where there is no worked solution)
             answer, solution = str(r["answer"]).rsplit("####", 1)[-1].strip(), str(r.get("context") or "")
-            hint = HINT.format(answer=answer) + (HINT_SOLUTION.format(answer=answer, solution=solution) if solution else "")
-            messages = [dict(role="user", content=STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=r["question"])
-                             + TEACHER_CONTEXT + hint)]
+            hint = (HINT + HINT_SOLUTION if solution else HINT).format(answer=answer, solution=solution)
+            prompt = STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=r["question"])
+            messages = [dict(role="user", content=prompt + TEACHER_CONTEXT + hint)]
         else:
             raise UserError(f"{task}: row {i + 1} has neither question/answer nor a verl prompt")
         if reference_answer(answer) is None:
@@ -291,11 +292,11 @@ def sample_token(logits, temperature, greedy=False):
 def decode_step(model, cache, tokens, positions, cache_position, mask, temperature, greedy):
     """Feed each row's last token at its position; return the next tokens: (B,) -> (B,)."""
     logits = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
-                   cache_position=cache_position, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+                   cache_position=cache_position, past_key_values=cache).logits[:, -1]       # (B, V)
     return sample_token(logits, temperature, greedy)
 
 
-# on CUDA a decode step replays as a captured CUDA graph: one launch instead of hundreds of kernels
+# on CUDA a decode step replays as a captured CUDA graph (one launch, not hundreds); eager elsewhere
 graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic=False)
 
 
@@ -305,7 +306,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     b, heads, q_len, dim = query.shape                                          # (B, h, 1, D)
     if q_len != 1:  # the prefill: transformers' own SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
     grouped = query.reshape(b, key.shape[1], heads // key.shape[1], dim)        # (B, h_kv, g, D)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
                                                            scale=scaling)      # (B, h_kv, g, D)
@@ -321,16 +323,23 @@ def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
     B, P, N = len(prompts), max(map(len, prompts)), cfg.max_response_tokens
     L = -(-(P + N) // 256) * 256  # cache length in steps of 256: few shapes, few graph compilations
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
-    start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first real column
+    start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first token
     mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
     positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
-    cache = StaticCache(config=model.config, max_cache_len=L)
+    slots = torch.arange(L, device=device)                                              # (L,) cache positions
     stops = torch.tensor(stop_ids, device=device)
-    step = graphed_decode_step if device.type == "cuda" else decode_step
     with autocast(device):
-        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, past_key_values=cache,
-                       cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens = sample_token(logits, cfg.temperature, greedy)                          # (B,)
+        if model.config.model_type not in ("qwen2", "qwen3", "llama", "mistral"):  # families the loop knows
+            if not getattr(model, "_sdpg_notice", False):
+                print(f"notice: sampling with model.generate ({model.config.model_type})", file=sys.stderr)
+                model._sdpg_notice = True
+            return model.generate(input_ids=ids, attention_mask=mask[:, :P], max_new_tokens=N, top_k=0,
+                                  eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=not greedy,
+                                  temperature=cfg.temperature)[:, P:].tolist()
+        cache = StaticCache(config=model.config, max_cache_len=L)
+        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions,
+                       past_key_values=cache, cache_position=slots[:P], logits_to_keep=1).logits  # (B, 1, V)
+        tokens = sample_token(logits[:, -1], cfg.temperature, greedy)                   # (B,)
         out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
         done = torch.zeros(B, dtype=torch.bool, device=device)                          # (B,)
         positions = positions[:, -1]                                                    # (B,)
@@ -340,42 +349,25 @@ def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
             if t == N - 1 or t % 16 == 15 and bool(done.all()):  # one host sync per 16 tokens
                 break
             positions = positions + 1
-            if device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            tokens = step(model, cache, tokens, positions, torch.arange(P + t, P + t + 1, device=device), mask,
-                          cfg.temperature, greedy).clone()                              # (B,)
+            torch.compiler.cudagraph_mark_step_begin()  # a new replay of the captured graph (CUDA)
+            tokens = graphed_decode_step(model, cache, tokens, positions, slots[P + t:P + t + 1], mask,
+                                         cfg.temperature, greedy).clone()               # (B,)
     return out.tolist()
 
 
 @torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample"):
     """Responses (token lists, stop token included) and truncation flags. All rows go in one call
-    unless the KV cache would pass --sample-memory-mb; model families the decode loop does not
-    know fall back to model.generate."""
-    c, device, element = model.config, next(model.parameters()).device, next(model.parameters()).element_size()
-    ours = c.model_type in ("qwen2", "qwen3", "llama", "mistral")  # the families the decode loop knows
-    if not ours and not getattr(model, "_sdpg_notice", False):
-        print(f"notice: sampling with model.generate ({c.model_type})", file=sys.stderr)
-        model._sdpg_notice = True
-    # rows per call: as many as fit their KV cache (width tokens each) and fp32 logits in the budget
+    unless their KV cache (width tokens a row) and fp32 logits would pass --sample-memory-mb."""
+    c, element = model.config, next(model.parameters()).element_size()
     width = max(map(len, prompts), default=0) + cfg.max_response_tokens
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_bytes = 2 * c.num_hidden_layers * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * width
+    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * width
     rows = max(1, int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size))
     responses, truncated = [], []
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
-        batch = prompts[i: i + rows]
-        if ours:
-            out = decode_rows(model, batch, cfg, pad_id, stop_ids, greedy)
-        else:
-            width = max(map(len, batch))
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            with autocast(device):
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
-                                     eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=not greedy,
-                                     temperature=cfg.temperature, top_k=0)[:, width:].tolist()
-        for row in out:
+        for row in decode_rows(model, prompts[i: i + rows], cfg, pad_id, stop_ids, greedy):
             tokens, cut = cut_at_stop(row, stop_ids)
             responses.append(tokens)
             truncated.append(cut)
@@ -383,10 +375,9 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample")
 
 
 def sampling_policy(model):
-    """The policy that samples: on CUDA a bf16 copy of the fp32 master weights (2 bytes a
-    parameter) with the grouped-query decode attention, refreshed in place after every update
-    (load_state_dict copies in place) so that captured CUDA graphs stay valid; on the CPU the
-    policy itself."""
+    """The policy that samples: on CUDA a bf16 copy of the fp32 weights (2 bytes a parameter) with
+    the grouped-query decode attention, refreshed in place by load_state_dict after every update
+    so that captured CUDA graphs stay valid; on the CPU the policy itself."""
     if not next(model.parameters()).is_cuda:
         return model
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
@@ -428,8 +419,10 @@ def last_boxed(text):
 def final_answer(text, answer_format="boxed"):
     """The response's final answer as written, or None. boxed: the last \\boxed{}, else the
     last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
-    if answer_format == "hash":
-        return text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+    if answer_format == "hash":  # of GSM8K's '#### 12 apples', the leading number
+        line = text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+        number = line and re.match(rf"[-+$\s]*(?:{NUMBER})(?![\d,/])", line)
+        return number[0] if number else line
     boxed = last_boxed(text)
     lines = re.findall(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)", text)
     return boxed if boxed is not None else lines[-1].strip(" *") if lines else None
@@ -461,9 +454,6 @@ def reward(response, reference, answer_format="boxed"):
     normalised strings), else 0. A response without a final answer in the format scores 0."""
     predicted = final_answer(response, answer_format)
     predicted = None if predicted is None else normalise(predicted)
-    if answer_format == "hash" and isinstance(predicted, str):  # GSM8K's '#### 12 apples'
-        m = re.match(rf"([+-]?)({NUMBER})(?![\d,])", predicted)
-        predicted = Fraction(m[1] + m[2].replace(",", "")) if m else predicted
     return float(predicted is not None and predicted == reference_answer(reference))
 
 
@@ -569,7 +559,8 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
 
 # on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that read the
 # low-precision logits and hold no fp32 (chunk x V) buffers
-fused_logit_stats, fused_logit_grad = cuda_compiled(logit_stats, dynamic=True), cuda_compiled(logit_grad, dynamic=True)
+fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
+fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -719,9 +710,9 @@ def score_tokens(model, rollouts, cfg, pad_id):
         resp = [responses[i] for i in mb]
         hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
-        logp = torch.cat([fused_logit_stats(hidden[s:s + chunk] @ w.T, None, tokens[s:s + chunk], cfg.temperature)[0]
-                          for s in range(0, len(tokens), chunk)])                           # (n,)
-        out.extend(logp.float().split([len(r) for r in resp]))
+        logp = [fused_logit_stats(hidden[s:s + chunk] @ w.T, None, tokens[s:s + chunk], cfg.temperature)[0]
+                for s in range(0, len(tokens), chunk)]                                      # (c,) each
+        out.extend(torch.cat(logp).float().split([len(r) for r in resp]))
     return out
 
 
@@ -734,7 +725,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
     sums = collections.defaultdict(float)
     model.train()
-    for minibatch in torch.tensor_split(torch.arange(len(rollouts.response_ids)), cfg.ppo_minibatches):  # same count on every rank
+    # the same number of optimizer steps on every rank
+    for minibatch in torch.tensor_split(torch.arange(len(rollouts.response_ids)), cfg.ppo_minibatches):
         minibatch = minibatch.tolist()
         lengths = [len(rollouts.response_ids[i]) for i in minibatch]
         n_tokens = all_sum(torch.tensor(float(sum(lengths)), device=device)).item()
@@ -745,10 +737,10 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             # head's teacher GEMM stops at the first chunk past them
             idx = sorted((minibatch[k] for k in mb), key=lambda i: bool(rollouts.kl_weight[i] == 0))
             resp = [rollouts.response_ids[i] for i in idx]
-            lens = [len(r) for r in resp]
+            lens = torch.tensor([len(r) for r in resp], device=device)           # (b,)
             tokens = torch.tensor(sum(resp, []), device=device)                  # (n,)
-            per_token = lambda values: torch.repeat_interleave(values.to(device), torch.tensor(lens, device=device))
-            adv, kl_w = per_token(rollouts.advantages[idx]), per_token(rollouts.kl_weight[idx])  # (n,) each
+            adv = torch.repeat_interleave(rollouts.advantages[idx].to(device), lens)   # (n,)
+            kl_w = torch.repeat_interleave(rollouts.kl_weight[idx].to(device), lens)   # (n,)
             gated = [i for i in idx if rollouts.kl_weight[i] != 0]
             teacher = None
             if gated:
@@ -756,7 +748,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
                 with torch.no_grad():
                     teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in gated],
                                               [rollouts.response_ids[i] for i in gated], pad_id)  # (n_g, H)
-                teacher = torch.cat([teacher, teacher.new_zeros(len(tokens) - len(teacher), teacher.shape[1])])  # (n, H)
+                # (n, H): the rows of undistilled samples are zeros the head never reads
+                teacher = torch.nn.functional.pad(teacher, (0, 0, 0, len(tokens) - len(teacher)))
                 sums["teacher_tokens"] += sum(len(rollouts.response_ids[i]) for i in gated)
                 sums["teacher_s"] += time.perf_counter() - t0
             ref = torch.cat([rollouts.ref_logp[i] for i in idx]).to(device) if rollouts.ref_logp else None
@@ -805,7 +798,7 @@ def load_pretrained(kind, path, **kwargs):
         raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
 
 
-def load_model(path, cfg, device, dtype=torch.float32):
+def load_model(path, device, dtype=torch.float32):
     return load_pretrained("AutoModelForCausalLM", path, dtype=dtype).to(device)
 
 
@@ -824,10 +817,10 @@ def make_optimizer(model, cfg):
 
 def check_plain_head(model):
     """The fused head computes logits as h @ W.T: refuse a model whose logits are anything else."""
-    c = model.config
-    for reason, found in (("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None) is not None),
-                          ("final-logit softcapping", getattr(c, "final_logit_softcapping", None) is not None),
-                          ("a logit scale", {getattr(c, "logit_scale", 1.0), getattr(c, "logits_scaling", 1.0)} - {None, 1.0})):
+    c, bias = model.config, getattr(model.get_output_embeddings(), "bias", None)
+    scales = {getattr(c, "logit_scale", 1.0), getattr(c, "logits_scaling", 1.0)} - {None, 1.0}
+    for reason, found in (("an lm_head bias", bias is not None), ("a logit scale", scales),
+                          ("final-logit softcapping", getattr(c, "final_logit_softcapping", None))):
         if found:
             raise UserError(f"this model's logits are not h @ W.T ({reason}); the fused head cannot train it")
 
@@ -845,7 +838,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
                                 stop_ids, greedy=cfg.eval_samples == 1, desc="eval") if mine else ([], [])
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
-        totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=next(model.parameters()).device))
+        totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
         scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
         for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
             tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
@@ -923,14 +916,15 @@ def train(cfg):
     for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
                               ref_dtype=("auto", "bf16", "fp32"), device=("auto", "cuda", "cpu")).items():
         if getattr(cfg, flag) not in allowed:
-            raise UserError(f"unknown --{flag.replace('_', '-')} {getattr(cfg, flag)!r}: use {', '.join(allowed)}")
+            raise UserError(f"unknown --{flag.replace('_', '-')} {getattr(cfg, flag)!r}: "
+                            f"use {', '.join(allowed)}")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
-        raise UserError("--group-size, --total-steps, --ppo-minibatches and --eval-samples must be at least 1")
-    if cfg.ppo_minibatches > cfg.batch_size // world * cfg.group_size:
-        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the {cfg.batch_size // world * cfg.group_size} "
-                        "samples each rank holds")
+        raise UserError("--group-size, --total-steps, --ppo-minibatches, --eval-samples must be >= 1")
+    samples = cfg.batch_size // world * cfg.group_size  # on each rank
+    if cfg.ppo_minibatches > samples:
+        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the {samples} samples per rank")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -950,28 +944,32 @@ def train(cfg):
                               cfg.answer_format)
     eval_sets = {}  # set name ('gsm8k', or the file's name) -> problems
     for task in filter(None, (cfg.eval_task or cfg.task).split(",")):
-        problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False, cfg.answer_format)
+        problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False,
+                                 cfg.answer_format)
         if problems:
             eval_sets[os.path.splitext(os.path.basename(task))[0]] = problems[: cfg.eval_n or None]
     if not train_set:
         raise UserError(f"no usable training problems in {cfg.task!r}")
-    model = load_model(cfg.resume or model_path, cfg, device)
+    model = load_model(cfg.resume or model_path, device)
     check_plain_head(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the frozen reference pi_ref is the initial policy, also on resume
-    ref_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.ref_dtype, torch.bfloat16 if use_cuda else torch.float32)
-    ref_model = load_model(model_path, cfg, device, ref_dtype).eval().requires_grad_(False) if anchor else None
+    ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda
+    ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
+    ref_model = load_model(model_path, device, ref_dtype).requires_grad_(False) if anchor else None
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     sampler = sampling_policy(model)  # the policy itself on the CPU, a bf16 copy on CUDA
 
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup)))
+    warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup))  # linear, then constant
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     start, bad_steps = 1, 0
     if cfg.resume:
         state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-        changed = [k for k, v in state["config"].items() if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
+        changed = [k for k, v in state["config"].items()
+                   if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
         if changed and rank == 0:
             print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
                   file=sys.stderr)
@@ -1017,7 +1015,8 @@ def train(cfg):
         # 3. verify, group advantages (Eq. 2.1), gate m_i (Eq. 3.5) and beta(k)
         t0 = time.perf_counter()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, group)])  # (S,)
+        rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
+                                for t, p in zip(texts, group)])                         # (S,)
         advantages = group_advantages(rewards, cfg.group_size)                          # (S,)
         gate = (advantages > 0).float() if cfg.gate else torch.ones_like(advantages)   # (S,)
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
@@ -1072,7 +1071,8 @@ def parse_args(argv=None):
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])

@@ -416,6 +416,18 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
     assert split == want
 
 
+def test_unknown_model_type_falls_back_to_model_generate(capsys):
+    model, tok = tiny_model("qwen2", False)
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go")]
+    cfg, eos = sdpg.Config(max_response_tokens=8), tok.eos_token_id
+    ours, _ = sdpg.generate(model, prompts, cfg, eos, [eos], greedy=True)
+    model.config.model_type = "other"  # a family the decode loop does not know
+    for _ in range(2):
+        fallback, _ = sdpg.generate(model, prompts, cfg, eos, [eos], greedy=True)
+        assert fallback == ours == hf_greedy(model, prompts, [eos], eos, 8)
+    assert capsys.readouterr().err.count("notice: sampling with model.generate (other)") == 1
+
+
 def total_variation_bound(p, n):
     """E[TV(empirical, p)] <= 1/2 sum_a sqrt(p_a (1 - p_a) / n) (Jensen); we allow 3x that."""
     return 1.5 * (p * (1 - p) / n).sqrt().sum().item()
