@@ -23,7 +23,9 @@ full-vocabulary head, the update, and the training loop.
 """
 import argparse
 import collections
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -57,7 +59,7 @@ class Config:
     # rollouts (Algorithm 1, lines 3-5)
     batch_size: int = opt(128, "prompts per step, over all ranks")
     group_size: int = opt(8, "G: sampled responses per prompt")
-    max_prompt_tokens: int = opt(1024, "skip prompts longer than this (the teacher's, with c, included)")
+    max_prompt_tokens: int = opt(2048, "skip prompts longer than this (the teacher's, with c, included)")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
     sample_memory_mb: int = opt(16384, "MB for the sampler's KV cache and logits; past it, rows are split")
@@ -67,6 +69,7 @@ class Config:
     beta_warmup: int = opt(-1, "T_warm in steps (-1: T/8, the paper's 50 of 400; 0: no warmup)")
     beta_decay: int = opt(-1, "T_decay in steps (-1: 7T/8, the paper's 350 of 400; 0: no decay)")
     kl_mode: str = opt("urkl", "reference-KL surrogate: urkl (SDPG-URKL) or ufkl (SDPG-UFKL)")
+    kl_reward: float = opt(0.0, "KL penalty in the reward, R_i - coef sum_t k1_t (Table 1's GRPO: 1e-3)")
     gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
     eps_low: float = opt(0.2, "lower clip of the importance ratio")
     eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)")
@@ -108,12 +111,29 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-def cuda_compiled(fn, **options):
+COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
+
+
+def cuda_compiled(fn, devices=("cuda",), **options):
     """fn through torch.compile when its first tensor argument is on CUDA, else eagerly. Where
-    compilation fails (no Triton, an old GPU, ...) dynamo logs it and runs fn eagerly."""
-    torch._dynamo.config.suppress_errors = True
+    compiling fails (no Triton, an old GPU, ...) one notice line says why, and fn runs eagerly."""
     compiled = torch.compile(fn, **options)
-    return lambda *args: (compiled if next(a for a in args if torch.is_tensor(a)).is_cuda else fn)(*args)
+
+    def call(*args):
+        nonlocal compiled
+        if compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            try:
+                return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a compiler error, not fn's: fn then runs eagerly for good
+                print(f"notice: {fn.__name__} runs eagerly: torch.compile failed: {first_line(e)}", file=sys.stderr)
+                compiled = None
+            finally:
+                COMPILES[fn.__name__] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        return fn(*args)
+    return call
 
 
 def distributed():
@@ -289,14 +309,15 @@ def sample_token(logits, temperature, greedy=False):
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)           # (B,)
 
 
-def decode_step(model, cache, tokens, positions, cache_position, mask, temperature, greedy):
+def decode_step(model, cache_kwarg, tokens, positions, cache_position, mask, temperature, greedy):
     """Feed each row's last token at its position; return the next tokens: (B,) -> (B,)."""
     logits = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
-                   cache_position=cache_position, past_key_values=cache).logits[:, -1]       # (B, V)
+                   cache_position=cache_position, **cache_kwarg).logits[:, -1]                # (B, V)
     return sample_token(logits, temperature, greedy)
 
 
-# on CUDA a decode step replays as a captured CUDA graph (one launch, not hundreds); eager elsewhere
+# on CUDA a decode step replays as a captured CUDA graph (one launch, not hundreds); eager elsewhere.
+# Its shapes are (rows, cache length): generate keeps both fixed for a set, so it compiles once a set
 graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic=False)
 
 
@@ -315,19 +336,23 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 @torch.no_grad()
-def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
-    """One left-padded batch: a static KV cache sized to the longest prompt plus the response
-    budget (rounded up), one prefill, then one decode step per token. (B, prompt) ids -> (B, N) tokens."""
+def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len):
+    """One batch, left-padded to prompt_len: a static KV cache of prompt_len + --max-response-tokens
+    slots (rounded up to 16), one prefill, then one decode step per token. Rows from `live` on are
+    stopped from the start (they only keep the shape fixed). The cache is kept on the model, one
+    per shape, and reset before each prefill, so its storage and the CUDA graph captured on it
+    serve the whole run. (B, prompt) ids -> (B, N) tokens."""
     from transformers import StaticCache
     device = next(model.parameters()).device
-    B, P, N = len(prompts), max(map(len, prompts)), cfg.max_response_tokens
-    L = -(-(P + N) // 256) * 256  # cache length in steps of 256: few shapes, few graph compilations
+    B, P, N = len(prompts), prompt_len, cfg.max_response_tokens
+    L = -(-(P + N) // 16) * 16
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
     start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first token
     mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
     positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     slots = torch.arange(L, device=device)                                              # (L,) cache positions
     stops = torch.tensor(stop_ids, device=device)
+    done = torch.arange(B, device=device) >= live                                       # (B,)
     with autocast(device):
         if model.config.model_type not in ("qwen2", "qwen3", "llama", "mistral"):  # families the loop knows
             if not getattr(model, "_sdpg_notice", False):
@@ -336,12 +361,18 @@ def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
             return model.generate(input_ids=ids, attention_mask=mask[:, :P], max_new_tokens=N, top_k=0,
                                   eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=not greedy,
                                   temperature=cfg.temperature)[:, P:].tolist()
-        cache = StaticCache(config=model.config, max_cache_len=L)
-        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions,
-                       past_key_values=cache, cache_position=slots[:P], logits_to_keep=1).logits  # (B, 1, V)
+        caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
+        if (B, L) not in caches:
+            caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
+        cache = caches[B, L]
+        cache.reset()
+        # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
+        cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
+                       else "past_key_values": cache}
+        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, **cache_kwarg,
+                       cache_position=slots[:P], logits_to_keep=1).logits                 # (B, 1, V)
         tokens = sample_token(logits[:, -1], cfg.temperature, greedy)                   # (B,)
         out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
-        done = torch.zeros(B, dtype=torch.bool, device=device)                          # (B,)
         positions = positions[:, -1]                                                    # (B,)
         for t in range(N):
             out[:, t] = torch.where(done, pad_id, tokens)  # a stopped row never changes again
@@ -350,24 +381,29 @@ def decode_rows(model, prompts, cfg, pad_id, stop_ids, greedy):
                 break
             positions = positions + 1
             torch.compiler.cudagraph_mark_step_begin()  # a new replay of the captured graph (CUDA)
-            tokens = graphed_decode_step(model, cache, tokens, positions, slots[P + t:P + t + 1], mask,
+            tokens = graphed_decode_step(model, cache_kwarg, tokens, positions, slots[P + t:P + t + 1], mask,
                                          cfg.temperature, greedy).clone()               # (B,)
     return out.tolist()
 
 
 @torch.no_grad()
-def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample"):
-    """Responses (token lists, stop token included) and truncation flags. All rows go in one call
-    unless their KV cache (width tokens a row) and fp32 logits would pass --sample-memory-mb."""
+def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
+    """Responses (token lists, stop token included) and truncation flags. prompt_len is the
+    longest prompt of the set the prompts come from, so every call on that set has one shape. All
+    rows go in one call unless their KV cache and fp32 logits would pass --sample-memory-mb; then
+    they go in equal calls, the last one filled up with rows that are stopped from the start."""
     c, element = model.config, next(model.parameters()).element_size()
-    width = max(map(len, prompts), default=0) + cfg.max_response_tokens
+    prompt_len = prompt_len or max(map(len, prompts), default=0)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-    kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * width
+    kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * (prompt_len + cfg.max_response_tokens + 16)
     rows = max(1, int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size))
+    rows = min(rows, len(prompts))
     responses, truncated = [], []
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
-        for row in decode_rows(model, prompts[i: i + rows], cfg, pad_id, stop_ids, greedy):
+        chunk = prompts[i: i + rows]
+        filled = chunk + chunk[:1] * (rows - len(chunk))
+        for row in decode_rows(model, filled, len(chunk), cfg, pad_id, stop_ids, greedy, prompt_len)[:len(chunk)]:
             tokens, cut = cut_at_stop(row, stop_ids)
             responses.append(tokens)
             truncated.append(cut)
@@ -403,17 +439,28 @@ NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"   # 1,234.5 | 12 | 12. | 
 SIGNED = re.compile(rf"([+-]?)({NUMBER})")
 FRACTION = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
 TEXT = r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"
+# unit words that come off after a number, as in the authors' normalisation (a fixed list: '2 \pi'
+# and '3 x' keep their letters)
+UNITS = re.compile(r"(?<=\d)\s*(?:(?:square|sq)\s*)?(?:dollars?|cents?|mph|km|cm|mm|m|meters?|inch(?:es)?|"
+                   r"feet|foot|ft|miles?|hours?|minutes?|seconds?|days?|weeks?|years?|pounds?|lbs?|kg|g|"
+                   r"grams?|degrees?|units?|ways|points?|digits?|integers?|students?|edges?)\.?$")
+
+
+def closing_brace(text, start):
+    """Index of the '}' that closes a '{' opened just before text[start], or None."""
+    depth = 1
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    return None
 
 
 def last_boxed(text):
     """Content of the last \\boxed{...} or \\fbox{...} (balanced braces), or None."""
     starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    depth = 1
-    for j in range(starts[-1], len(text)) if starts else ():
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[starts[-1]:j]
-    return None
+    end = closing_brace(text, starts[-1]) if starts else None
+    return None if end is None else text[starts[-1]:end]
 
 
 def final_answer(text, answer_format="boxed"):
@@ -432,16 +479,23 @@ def normalise(answer):
     """An exact Fraction where the answer is a number ('$1,000.' 1000, '- .5' -1/2, '\\dfrac{3}{4}'
     3/4, '12\\text{ cm}' 12, 'x = 2' 2), else a canonical string; None where nothing is left."""
     s = answer.replace("\u2212", "-")
-    for junk in ("\\left", "\\right", "\\!", "\\,", "\\$", "$"):
+    for junk in ("\\left", "\\right", "\\!", "\\,", "\\$", "$", "^\\circ", "^{\\circ}", "\u00b0"):
         s = s.replace(junk, "")
     s = re.sub(r"\\[dt]frac", r"\\frac", s).split("=")[-1]
+    s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)  # \sqrt2, \frac12: braces as in \sqrt{2}, \frac{1}{2}
+    s = re.sub(r"\\frac\s*(\w|\{[^{}]*\})\s*(\w|\{[^{}]*\})",
+               lambda m: "\\frac" + "".join(a if a[0] == "{" else "{" + a + "}" for a in m.groups()), s)
+    candidates = []
     for candidate in (re.sub(TEXT, r"\1", s), re.sub(TEXT, "", s)):  # \text{5}, 5\text{ cm}
-        candidate = re.sub(r"\s+", "", candidate).rstrip(".")
+        candidate = re.sub(r"\s+", "", UNITS.sub("", candidate.strip().rstrip("."))).rstrip(".")
+        while candidate[:1] == "{" and closing_brace(candidate, 1) == len(candidate) - 1:
+            candidate = candidate[1:-1]  # {5}, {{x+1}}: braces around the whole answer
         if m := SIGNED.fullmatch(candidate):
             return Fraction(m[1] + m[2].replace(",", ""))
         if (m := FRACTION.fullmatch(candidate)) and int(m[3] or m[5]) != 0:
             return Fraction(int(m[2] or m[4]), int(m[3] or m[5])) * (-1 if m[1] == "-" else 1)
-    return re.sub(r"\s+", "", re.sub(TEXT, r"\1", s)).rstrip(".") or None
+        candidates.append(candidate)
+    return candidates[0] or None
 
 
 def reference_answer(reference):
@@ -469,6 +523,13 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
     std = r.std(dim=1, keepdim=True)                                    # (B, 1)
     adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps_std)           # (B, G)
     return torch.where(std > 0, adv, 0.0).view(-1).to(rewards.dtype)   # (B*G,)
+
+
+def kl_in_reward(old_logp, ref_logp, coef):
+    """Table 1's GRPO baseline (verl's KL in the reward): coef * sum_t k1_t for each response,
+    k1_t = log pi_old(y_t) - log pi_ref(y_t) on its sampled tokens, subtracted from R_i before the
+    group advantage. old_logp, ref_logp: S tensors (|y_i|,); returns (S,)."""
+    return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)])  # (S,)
 
 
 def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
@@ -692,8 +753,8 @@ class Rollouts:
     student_ids: list
     teacher_ids: list
     response_ids: list
-    advantages: torch.Tensor           # (S,)
-    kl_weight: torch.Tensor            # (S,)
+    advantages: torch.Tensor = None    # (S,)
+    kl_weight: torch.Tensor = None     # (S,)
     ref_logp: list = None              # S tensors (|y_i|,) or None
     old_logp: list = None
 
@@ -873,9 +934,9 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
 def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     keys = ["tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl", "teacher_tokens",
-            "skipped", "reward", "samples", "flat_groups", "groups", "gated", "truncated"]
+            "skipped", "kl_penalty", "reward", "samples", "flat_groups", "groups", "gated", "truncated"]
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
-    local = [sums[k] for k in keys[:9]] + [rewards.sum().item(), len(rewards),
+    local = [sums[k] for k in keys[:10]] + [rewards.sum().item(), len(rewards),
                                            (groups.min(1).values == groups.max(1).values).sum().item(),
                                            len(groups), gate.sum().item(), sum(truncated)]
     t = dict(zip(keys, all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
@@ -887,6 +948,7 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                 gate_ratio=t["gated"] / t["samples"],
                 opd_kl=t["kl"] / t["kl_tokens"] if t["kl_tokens"] else None,
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
+                kl_penalty=t["kl_penalty"] / t["samples"] if cfg.kl_reward else None,
                 clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
                 entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
                 response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
@@ -909,10 +971,10 @@ def step_prompts(problems, step, cfg):
 
 
 # ------------------------------------------------------------------------------------------
-# Training loop: Algorithm 1
+# Setup: flags, data and models, optimizer and resume
 # ------------------------------------------------------------------------------------------
-def train(cfg):
-    rank, world = rank_and_world()
+def check_flags(cfg, world):
+    """Refuse bad flags, before anything is loaded or written."""
     for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
                               ref_dtype=("auto", "bf16", "fp32"), device=("auto", "cuda", "cpu")).items():
         if getattr(cfg, flag) not in allowed:
@@ -929,20 +991,37 @@ def train(cfg):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available")
+
+
+@dataclass
+class Run:
+    """What the training loop works with, loaded once by load_run."""
+    device: str
+    tokenizer: object
+    train_set: list                    # problems with student_ids and teacher_ids
+    eval_sets: dict                    # set name ('gsm8k', or the file's name) -> problems
+    model: torch.nn.Module             # pi_theta, fp32
+    ref_model: torch.nn.Module         # pi_ref, frozen, or None where no term uses it
+    sampler: torch.nn.Module           # the policy on the CPU, its bf16 copy on CUDA
+    stop_ids: list
+
+
+def load_run(cfg):
+    """Device and seeds, tokenizer, training and evaluation prompts, the policy, the reference
+    (the initial policy, also on resume) and the sampling copy: all checked before anything is
+    written."""
+    rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
-
-    # 1. data, prompts, models (all checked before anything is written)
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_pretrained("AutoTokenizer", model_path)
     if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
         tokenizer.pad_token = tokenizer.eos_token
-    distil, anchor = cfg.beta > 0, cfg.alpha > 0
-    train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens, distil,
-                              cfg.answer_format)
-    eval_sets = {}  # set name ('gsm8k', or the file's name) -> problems
+    train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens,
+                              cfg.beta > 0, cfg.answer_format)
+    eval_sets = {}
     for task in filter(None, (cfg.eval_task or cfg.task).split(",")):
         problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False,
                                  cfg.answer_format)
@@ -954,114 +1033,141 @@ def train(cfg):
     check_plain_head(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the frozen reference pi_ref is the initial policy, also on resume
     ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda
-    ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
-    ref_model = load_model(model_path, device, ref_dtype).requires_grad_(False) if anchor else None
-    stop_ids = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id
-    sampler = sampling_policy(model)  # the policy itself on the CPU, a bf16 copy on CUDA
+    ref_model = (load_model(model_path, device, torch.bfloat16 if ref_bf16 else torch.float32)
+                 .requires_grad_(False) if cfg.alpha > 0 or cfg.kl_reward else None)
+    return Run(device, tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
+               stop_token_ids(tokenizer, model))
 
+
+def optimizer_and_resume(cfg, model):
+    """AdamW with a linear learning-rate warmup; with --resume, their state, the step to start
+    from, the count of bad steps and every random stream. Returns (optimizer, scheduler, start,
+    bad_steps)."""
+    rank, _ = rank_and_world()
     optimizer = make_optimizer(model, cfg)
     warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup))  # linear, then constant
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    start, bad_steps = 1, 0
-    if cfg.resume:
-        state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-        changed = [k for k, v in state["config"].items()
-                   if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
-        if changed and rank == 0:
-            print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
-                  file=sys.stderr)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, bad_steps = state["step"] + 1, state["bad_steps"]
-        rng = state["rng"][rank]
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:  # a fresh run starts a fresh metrics file; a resumed one keeps the earlier steps
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        earlier = []
-        if cfg.resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                earlier = [line for line in f if json.loads(line)["step"] < start]
-        with open(metrics_path, "w") as f:
-            f.writelines(earlier)
+    if not cfg.resume:
+        return optimizer, scheduler, 1, 0
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
+    changed = [k for k, v in state["config"].items()
+               if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
+    if changed and rank == 0:
+        print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
+              file=sys.stderr)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return optimizer, scheduler, state["step"] + 1, state["bad_steps"]
 
-    if start == 1 and eval_sets:  # the starting point: step 0
-        scores = evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(dict(step=0, **scores)) + "\n")
+
+def open_metrics(cfg, start):
+    """<out>/metrics.jsonl: a fresh run starts a fresh file; a resumed one keeps the steps before
+    `start`. Returns a function that appends one row (on rank 0)."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank_and_world()[0] != 0:
+        return lambda row: None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    earlier = []
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            earlier = [line for line in f if json.loads(line)["step"] < start]
+    with open(path, "w") as f:
+        f.writelines(earlier)
+
+    def write(row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return write
+
+
+@contextlib.contextmanager
+def timed(timings, key):
+    """Adds the seconds spent in the block to timings[key]."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop: Algorithm 1
+# ------------------------------------------------------------------------------------------
+def train(cfg):
+    rank, world = rank_and_world()
+    check_flags(cfg, world)
+    run = load_run(cfg)
+    model, pad_id, G = run.model, run.tokenizer.pad_token_id, cfg.group_size
+    optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
+    log = open_metrics(cfg, start)
+    if start == 1 and run.eval_sets:  # the starting point: step 0
+        log(dict(step=0, **evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids)))
     # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
     beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
     bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", disable=rank != 0, initial=start - 1,
                total=cfg.total_steps)
     for step in bar:
-        timings, t_step = {}, time.perf_counter()
+        timings, t_step, lr = {}, time.perf_counter(), scheduler.get_last_lr()[0]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        # 2. rollouts: G responses per prompt from pi_theta(.|x)
-        t0 = time.perf_counter()
-        problems = step_prompts(train_set, step, cfg)
-        group = [p for p in problems for _ in range(cfg.group_size)]
-        model.eval()
-        responses, truncated = generate(sampler, [p["student_ids"] for p in group], cfg, pad_id, stop_ids)
-        timings["sample_s"] = time.perf_counter() - t0
-        # 3. verify, group advantages (Eq. 2.1), gate m_i (Eq. 3.5) and beta(k)
-        t0 = time.perf_counter()
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
-                                for t, p in zip(texts, group)])                         # (S,)
-        advantages = group_advantages(rewards, cfg.group_size)                          # (S,)
-        gate = (advantages > 0).float() if cfg.gate else torch.ones_like(advantages)   # (S,)
+        # 1. sample: G responses per prompt from pi_theta(.|x)                        (Alg. 1, l. 5)
+        with timed(timings, "sample_s"):
+            group = [p for p in step_prompts(run.train_set, step, cfg) for _ in range(G)]
+            responses, truncated = generate(run.sampler, [p["student_ids"] for p in group], cfg, pad_id,
+                                            run.stop_ids)
+        # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
+        with timed(timings, "verify_s"):
+            texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
+                                    for t, p in zip(texts, group)])                           # (S,)
+        # 3. no-grad scores: reference log-probs; old log-probs where rho can differ from 1
+        with timed(timings, "ref_s"):
+            rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
+                                responses)
+            if run.ref_model is not None:
+                rollouts.ref_logp = score_tokens(run.ref_model, rollouts, cfg, pad_id)
+            if cfg.ppo_minibatches > 1 or cfg.kl_reward:
+                old_logp = score_tokens(model, rollouts, cfg, pad_id)
+                rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
+        # 4. group advantages (Eq. 2.1) of R_i, less the KL penalty where it is on (a flat group
+        # then has A != 0, as in verl), gate m_i = 1[A_i > 0] (Eq. 3.5), beta(k) (Sec. 3.5.2)
+        penalty = (kl_in_reward(old_logp, rollouts.ref_logp, cfg.kl_reward) if cfg.kl_reward
+                   else torch.zeros(len(rewards)))                                            # (S,)
+        rollouts.advantages = group_advantages(rewards - penalty, G)                           # (S,)
+        gate = (rollouts.advantages > 0).float() if cfg.gate else torch.ones(len(rewards))   # (S,)
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
-        timings["verify_s"] = time.perf_counter() - t0
-        # 4. no-grad scores: reference log-probs, old log-probs when rho can differ from 1
-        t0 = time.perf_counter()
-        rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
-                            responses, advantages, beta_k * gate)
-        if anchor:
-            rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id)
-        if cfg.ppo_minibatches > 1:
-            rollouts.old_logp = score_tokens(model, rollouts, cfg, pad_id)
-        timings["ref_s"] = time.perf_counter() - t0
-        # 5. update: teacher forward, student forward, fused head, AdamW
-        t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
-        scheduler.step()
-        if sampler is not model:  # the bf16 sampling copy, refreshed in place
-            sampler.load_state_dict(model.state_dict())
+        rollouts.kl_weight = beta_k * gate                                                    # (S,)
+        # 5. update: teacher forward on the gated samples, student forward, fused head, AdamW
+        with timed(timings, "update_s"):
+            sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
+            scheduler.step()
+            if run.sampler is not model:  # the bf16 sampling copy, refreshed in place
+                run.sampler.load_state_dict(model.state_dict())
         timings["teacher_s"] = sums["teacher_s"]
-        timings["update_s"] = time.perf_counter() - t0 - sums["teacher_s"]
+        timings["update_s"] -= sums["teacher_s"]
         bad_steps = bad_steps + 1 if sums["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
             raise UserError(f"{bad_steps} updates in a row had a non-finite loss or gradient norm; "
                             f"stopping at step {step} (try a lower --lr)")
-
-        # 6. metrics, summed over ranks; evaluation
-        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, device),
-                   beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step)
+        # 6. log (metrics summed over ranks), evaluate, save
+        sums["kl_penalty"] = penalty.sum().item()
+        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, run.device),
+                   beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        row["accuracy"] = None  # logged on the steps that evaluate
-        if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
-            t0 = time.perf_counter()
-            row.update(evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids))
-            row["eval_s"] = time.perf_counter() - t0
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward']:.3f}",
-                            acc="-" if row["accuracy"] is None else f"{row['accuracy']:.3f}",
-                            kl="-" if row["opd_kl"] is None else f"{row['opd_kl']:.3g}")
+        if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+            with timed(row, "eval_s"):
+                row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))
+        log(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl="-" if row["opd_kl"] is None else f"{row['opd_kl']:.3g}",
+                        acc="-" if row["accuracy"] is None else f"{row['accuracy']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
-            save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
+            save_checkpoint(cfg, step, model, run.tokenizer, optimizer, scheduler, bad_steps)
     return model
 
 

@@ -26,7 +26,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def make_tokenizer(pad=True):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    prompts = "".join(sum(sdpg.ANSWER_FORMATS.values(), ())) + sdpg.STUDENT_PROMPT + sdpg.HINT + sdpg.HINT_SOLUTION
+    prompts = ("".join(sum(sdpg.ANSWER_FORMATS.values(), ()))
+               + sdpg.STUDENT_PROMPT + sdpg.HINT + sdpg.HINT_SOLUTION)
     chars = sorted(set(prompts + "0123456789+-*/=?.,$#{}\\ \n"
                        + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:[]()'"))
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
@@ -279,8 +280,8 @@ def test_fused_head_untied_and_tied_weights_reach_the_parameter():
     for tie in (True, False):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                             tie_word_embeddings=tie)).double()
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, tie_word_embeddings=tie)).double()
         ids = torch.randint(0, 40, (2, 9))
         tokens = ids[:, 1:].reshape(-1)
         adv, kl_w = torch.randn(16, dtype=torch.float64), torch.full((16,), 0.5, dtype=torch.float64)
@@ -409,10 +410,12 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
     assert len({len(r) for r in want}) > 1  # rows stop at different steps
     if attention == "sdpg_decode":
         sdpg.use_decode_attention(model)
-    got, truncated = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n), eos, stops, greedy=True)
+    got, truncated = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n), eos, stops,
+                                   greedy=True)
     assert got == want and truncated == [r[-1] not in stops for r in want]
     # rows split by the memory budget give the same tokens
-    split, _ = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n, sample_memory_mb=0), eos, stops, greedy=True)
+    split, _ = sdpg.generate(model, prompts, sdpg.Config(max_response_tokens=n, sample_memory_mb=0), eos,
+                             stops, greedy=True)
     assert split == want
 
 
@@ -477,7 +480,8 @@ def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
 def test_cuda_graph_decode_equals_eager_and_bf16_greedy_matches_hf():
     model, tok = tiny_model("qwen2", True, torch.float32)
     model = sdpg.sampling_policy(model.cuda())  # bf16 copy with the grouped-query decode attention
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}])
+               for q in ("Tom has 3 pens.", "Go", "2+2?")]
     cfg, eos = sdpg.Config(max_response_tokens=40), tok.eos_token_id
     torch.manual_seed(0)
     graphed = sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=False)
@@ -494,7 +498,8 @@ def test_cuda_graph_decode_equals_eager_and_bf16_greedy_matches_hf():
             j = next(j for j, (a, b) in enumerate(zip(row, want)) if a != b)
             prompt = prompts[ours.index(row)]
             with torch.no_grad():
-                top = model(torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1].float().topk(2).values
+                logits = model(torch.tensor([prompt + want[:j]], device="cuda")).logits
+                top = logits[0, -1].float().topk(2).values
             assert (top[0] - top[1]).item() < 0.1, (j, top)
 
 
@@ -507,8 +512,8 @@ VERIFIER_CASES = [  # (response, reference, format, reward)
     (r"so \boxed{42}.", "42", B, 1), (r"\boxed{41}", "42", B, 0), (r"\boxed{3} then \boxed{4}", "4", B, 1),
     (r"\boxed{4} then \boxed{3}", "4", B, 0), (r"\boxed{\frac{1}{2}}", "1/2", B, 1), (r"\fbox{9}", "9", B, 1),
     (r"\boxed {7}", "7", B, 1), (r"\boxed{7", "7", B, 0),
-    ("The sum is 7.\nAnswer: 7", "7", B, 1), ("**Answer:** 7", "7", B, 1), ("Answer: 6\nAnswer: 7", "7", B, 1),
-    (r"\boxed{7} and Answer: 8", "7", B, 1),
+    ("The sum is 7.\nAnswer: 7", "7", B, 1), ("**Answer:** 7", "7", B, 1),
+    ("Answer: 6\nAnswer: 7", "7", B, 1), (r"\boxed{7} and Answer: 8", "7", B, 1),
     # no answer in the format: 0, never the last number in the text
     ("The answer is 7.", "7", B, 0), ("#### 7", "7", B, 0), ("", "7", B, 0), (r"\boxed{}", "7", B, 0),
     ("The answer is 7.", "7", H, 0), (r"\boxed{7}", "7", H, 0),
@@ -516,8 +521,9 @@ VERIFIER_CASES = [  # (response, reference, format, reward)
     (r"\boxed{10.00}", "10", B, 1), (r"\boxed{\$1,000.}", "1000", B, 1), (r"\boxed{$1,000$}", "1000", B, 1),
     (r"\boxed{.5}", "0.5", B, 1), (r"\boxed{.5}", "5", B, 0), (r"\boxed{- 3}", "-3", B, 1),
     (r"\boxed{- 3}", "3", B, 0), (r"\boxed{2,5}", "25", B, 0), (r"\boxed{1,234,567}", "1234567", B, 1),
-    (r"\boxed{\dfrac{3}{4}}", "3/4", B, 1), (r"\boxed{\tfrac{3}{4}}", "0.75", B, 1), (r"\boxed{2}", "1/2", B, 0),
-    (r"\boxed{-\frac{1}{2}}", "-0.5", B, 1), (r"\boxed{12\text{ cm}}", "12", B, 1),
+    (r"\boxed{\dfrac{3}{4}}", "3/4", B, 1), (r"\boxed{\tfrac{3}{4}}", "0.75", B, 1),
+    (r"\boxed{2}", "1/2", B, 0), (r"\boxed{-\frac{1}{2}}", "-0.5", B, 1),
+    (r"\boxed{12\text{ cm}}", "12", B, 1),
     (r"\boxed{\text{12}}", "12", B, 1), (r"\boxed{x = 5}", "5", B, 1), ("\\boxed{\u22124}", "-4", B, 1),
     (r"\boxed{007}", "7", B, 1), (r"\boxed{3/0}", "3/0", B, 1),
     # otherwise normalised strings: whitespace, \left \right, \!, dfrac as frac
@@ -527,8 +533,8 @@ VERIFIER_CASES = [  # (response, reference, format, reward)
     ("So the total is #### 72", "72", H, 1), ("#### $1,000.", "1000", H, 1), ("####10", "10", H, 1),
     ("#### -7", "-7", H, 1), ("#### 10.00", "10", H, 1), ("#### - 3", "-3", H, 1), ("#### - 3", "3", H, 0),
     ("#### .5", "0.5", H, 1), ("#### 2,5", "25", H, 0), ("#### 2", "1/2", H, 0), ("#### 1/2", "0.5", H, 1),
-    ("first #### 3 then #### 4", "4", H, 1), ("#### 4 then #### 3", "4", H, 0), ("#### 12 apples", "12", H, 1),
-    ("#### 8\nmore text 9", "8", H, 1), ("#### none; earlier 9", "9", H, 0),
+    ("first #### 3 then #### 4", "4", H, 1), ("#### 4 then #### 3", "4", H, 0),
+    ("#### 12 apples", "12", H, 1), ("#### 8\nmore text 9", "8", H, 1), ("#### none; earlier 9", "9", H, 0),
     # references: a plain answer or a GSM8K solution ending in '#### N'
     ("#### 10", "Natalia sold 10 clips.\n#### 10", H, 1), (r"\boxed{10}", "Sold 4+6=10.\n#### 10", B, 1),
 ]
@@ -583,12 +589,14 @@ def test_gsm8k_rows_strip_calculator_annotations(monkeypatch):
     (p,) = sdpg.load_problems("gsm8k", "train")
     (message,) = p["messages"]
     assert p["answer"] == "24" and "<<" not in message["content"]
-    assert message["content"].endswith("So 24 are left.\n" + sdpg.HINT_SOLUTION.split("\n")[-1].format(answer=24))
+    last_line = sdpg.HINT_SOLUTION.split("\n")[-1].format(answer=24)
+    assert message["content"].endswith("So 24 are left.\n" + last_line)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(sdpg.UserError, match="cannot load openai/gsm8k \\(test\\): ConnectionError: Couldn't reach"):
+    with pytest.raises(sdpg.UserError,
+                       match="cannot load openai/gsm8k \\(test\\): ConnectionError: Couldn't reach"):
         sdpg.load_problems("gsm8k", "test")
 
 
@@ -623,13 +631,15 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     assert hs.shape == ht.shape == (5, model.config.hidden_size) and not torch.allclose(hs, ht)
 
 
-FIGURE_4_STUDENT = ("Solve the following math problem step by step. Present your final answer inside \\boxed{}, "
-                    "for example \\boxed{42}.\n{question}\nRemember to put your final answer inside \\boxed{}.")
-FIGURE_4_HINT = ("\n[Hint] The correct answer is {answer}. A common way to solve this is:\n{solution}\n[Instruction] "
-                 "If possible, derive the answer {answer} using an alternative, equally rigorous mathematical "
-                 "approach (e.g., algebraic vs geometric, or different substitution). If no alternative exists, "
-                 "articulate the standard approach with exceptional clarity. Do NOT state that you were given the "
-                 "answer or reference.")
+FIGURE_4_STUDENT = ("Solve the following math problem step by step. "
+                    "Present your final answer inside \\boxed{}, for example \\boxed{42}.\n{question}\n"
+                    "Remember to put your final answer inside \\boxed{}.")
+FIGURE_4_HINT = ("\n[Hint] The correct answer is {answer}. "
+                 "A common way to solve this is:\n{solution}\n[Instruction] "
+                 "If possible, derive the answer {answer} using an alternative, equally rigorous "
+                 "mathematical approach (e.g., algebraic vs geometric, or different substitution). "
+                 "If no alternative exists, articulate the standard approach with exceptional clarity. "
+                 "Do NOT state that you were given the answer or reference.")
 
 
 def test_prompts_are_figure_4_verbatim(tiny):
@@ -642,7 +652,8 @@ def test_prompts_are_figure_4_verbatim(tiny):
             question = f"Tom has {i} pens and gets {7 - i} more. How many pens?"
             student = FIGURE_4_STUDENT.replace("{question}", question)
             if fmt == "hash":
-                student = student.replace("inside \\boxed{}, for example \\boxed{42}", "after ####, for example #### 42")
+                student = student.replace("inside \\boxed{}, for example \\boxed{42}",
+                                          "after ####, for example #### 42")
                 student = student.replace("inside \\boxed{}.", "after ####.")
             hint = (FIGURE_4_HINT.format(answer=7, solution=f"{i}+{7 - i}=7") if i
                     else "\n[Hint] The correct answer is 7.")  # no solution: the first sentence alone
@@ -655,21 +666,25 @@ def write_verl_parquet(path, rows):
     import pandas as pd
     pd.DataFrame([{"data_source": "math_dapo", "ability": "math", "extra_info": {"index": i},
                    "prompt": [{"role": "system", "content": "Be brief."},
-                              {"role": "user", "content": question + ("[TEACHER_CONTEXT_TOKEN]" + context if context else "")}],
+                              {"role": "user", "content": question + ("[TEACHER_CONTEXT_TOKEN]" + context
+                                                                      if context else "")}],
                    "reward_model": {"ground_truth": answer, "style": "rule"}}
                   for i, (question, answer, context) in enumerate(rows)]).to_parquet(path)
     return str(path)
 
 
 def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, monkeypatch):
-    rows = [(f"What is {a} + 3? Put it in \\boxed{{}}.", str(a + 3), f"\n[Hint] It is {a + 3}.") for a in range(8)]
+    rows = [(f"What is {a} + 3? Put it in \\boxed{{}}.", str(a + 3), f"\n[Hint] It is {a + 3}.")
+            for a in range(8)]
     data = write_verl_parquet(tmp_path / "train.parquet", rows)
     evals = write_verl_parquet(tmp_path / "aime-like.parquet", [(q, a, "") for q, a, _ in rows[:3]])
     tok = make_tokenizer()
     (p,) = sdpg.build_prompts(tok, sdpg.load_problems(data, "train")[:1], 4096, with_teacher=True)
     system = "<|im_start|>system\nBe brief.<|im_end|>\n"
-    assert tok.decode(p["student_ids"]) == system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.decode(p["teacher_ids"]) == (system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}.\n[Hint] It is 3."
+    assert tok.decode(p["student_ids"]) == (system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}."
+                                            "<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(p["teacher_ids"]) == (system + "<|im_start|>user\nWhat is 0 + 3? Put it in \\boxed{}."
+                                            "\n[Hint] It is 3."
                                             "<|im_end|>\n<|im_start|>assistant\n") and p["answer"] == "3"
     seen = []  # every prompt a forward pass sees
     real_hidden = sdpg.response_hidden
@@ -678,7 +693,8 @@ def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, 
     sdpg.main(run_args(tiny, out, "--task", data, "--eval-task", f"{evals},{tiny['data']}", "--no-gate"))
     rows = read_metrics(out)
     assert rows[0]["accuracy/aime-like"] is not None and rows[0]["accuracy/problems"] is not None
-    assert rows[0]["accuracy"] == pytest.approx((rows[0]["accuracy/aime-like"] + rows[0]["accuracy/problems"]) / 2)
+    assert rows[0]["accuracy"] == pytest.approx(
+        (rows[0]["accuracy/aime-like"] + rows[0]["accuracy/problems"]) / 2)
     # the default beta windows scale with --total-steps 2: T_warm = 2/8, T_decay = 7 * 2/8
     assert rows[1]["beta"] == pytest.approx(1e-3 * (2 - 1) / 1.75) and rows[2]["beta"] == 0.0
     decoded = {tok.decode(ids) for batch in seen for ids in batch}
@@ -750,7 +766,7 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + ["--resume", str(full / "checkpoint-2")])
     timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in ("tokens_per_s",)}
     assert [timing(r) for r in read_metrics(full)[-2:]] == [timing(r) for r in read_metrics(resumed)]
-    a, b = load_file(full / "checkpoint-4" / "model.safetensors"), load_file(resumed / "checkpoint-4" / "model.safetensors")
+    a, b = (load_file(d / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -760,7 +776,8 @@ def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, mo
     monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     hidden_calls = []
     real_hidden = sdpg.response_hidden
-    monkeypatch.setattr(sdpg, "response_hidden", lambda m, p, *a: hidden_calls.append(p) or real_hidden(m, p, *a))
+    monkeypatch.setattr(sdpg, "response_hidden",
+                        lambda m, p, *a: hidden_calls.append(p) or real_hidden(m, p, *a))
     sdpg.main(run_args(tiny, tmp_path / "grpo", "--beta", "0", "--alpha", "0"))
     rows = read_metrics(tmp_path / "grpo")[1:]
     assert len(loads) == 1  # the policy only: no reference model
@@ -775,7 +792,8 @@ def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, mo
 def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
     import transformers
     assert make_tokenizer(pad=False).pad_token is None
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: make_tokenizer(pad=False))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: make_tokenizer(pad=False))
     sdpg.main(run_args(tiny, tmp_path / "out", "--total-steps", "1"))
     assert finite_row(read_metrics(tmp_path / "out")[-1])
 
@@ -826,9 +844,11 @@ def bad_inputs(tiny, tmp):
     return {
         "unknown task": (["--task", "mathqa"], "unknown task"),
         "missing file": (["--task", str(tmp / "missing.jsonl")], "does not exist"),
-        "missing fields": (["--task", write_json(tmp / "f.jsonl", [{"question": "1+1?"}])], "row 1 has neither"),
+        "missing fields": (["--task", write_json(tmp / "f.jsonl", [{"question": "1+1?"}])],
+                           "row 1 has neither"),
         "unparseable reference": (["--task", write_json(tmp / "r.jsonl", [{"question": "1+1?", "answer": "2"},
-                                                                         {"question": "?", "answer": " . "}])],
+                                                                         {"question": "?",
+                                                                          "answer": " . "}])],
                                   "row 2 has a reference answer that cannot be parsed"),
         "bad answer format": (["--answer-format", "latex"], "answer-format"),
         "softcapped logits": (["--model", softcapped_model(tmp)], "final-logit softcapping"),
@@ -866,10 +886,12 @@ def injected_rollouts(model_dir, seed=0):
     reference log-probs, as one training step would hand to update_policy."""
     g = torch.Generator().manual_seed(seed)
     tok = make_tokenizer()
-    built = sdpg.build_prompts(tok, sdpg.load_problems(write_problems(os.path.join(model_dir, "..", "ddp.jsonl")),
-                                                       "train")[:4], 4096, with_teacher=True)
+    path = os.path.join(model_dir, "..", f"ddp-{os.getpid()}.jsonl")  # one file a process: ranks run at once
+    problems = sdpg.load_problems(write_problems(path), "train")
+    built = sdpg.build_prompts(tok, problems[:4], 4096, with_teacher=True)
     group = [p for p in built for _ in range(2)]
-    responses = [torch.randint(1, 60, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (8,), generator=g)]
+    responses = [torch.randint(1, 60, (int(n),), generator=g).tolist()
+                 for n in torch.randint(1, 9, (8,), generator=g)]
     advantages = torch.tensor([1.0, -1.0, 0.7, -0.7, 0.0, 0.0, -1.0, 1.0])
     return sdpg.Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group], responses,
                          advantages, 0.5 * (advantages > 0).float(),
@@ -877,9 +899,10 @@ def injected_rollouts(model_dir, seed=0):
 
 
 def one_update(model_dir, indices):
-    """One optimizer step (SGD, so the step is the gradient itself) on the samples `indices`."""
+    """One optimizer step (SGD, so the step is the gradient itself) on the samples `indices`, in
+    float64: the two runs differ only in the order of their sums, so 1e-9 is a real bound."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     full = injected_rollouts(model_dir)
     pick = lambda xs: [xs[i] for i in indices]
@@ -895,7 +918,8 @@ def ddp_worker(rank, world, store, model_dir, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        delta = one_update(model_dir, list(range(rank * 2, 8, world * 2)) + list(range(rank * 2 + 1, 8, world * 2)))
+        delta = one_update(model_dir,
+                           list(range(rank * 2, 8, world * 2)) + list(range(rank * 2 + 1, 8, world * 2)))
         if rank == 0:
             torch.save(delta, out)
     finally:
@@ -910,10 +934,10 @@ def test_ddp_update_equals_single_process(tiny, tmp_path):
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "store"), tiny["model"], str(out)), nprocs=2)
     ddp = torch.load(out)
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
-    assert single.keys() == ddp.keys() and rel(flat(ddp), flat(single)) < 1e-6  # the update itself
-    start = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+    assert single.keys() == ddp.keys() and rel(flat(ddp), flat(single)) < 1e-9  # the update itself
+    start = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64).state_dict()
     for k in single:  # the parameters after the step
-        assert rel(start[k] + ddp[k], start[k] + single[k]) < 1e-6, k
+        assert rel(start[k] + ddp[k], start[k] + single[k]) < 1e-9, k
     # the check can fail: one rank's half of the batch alone gives another update
     assert rel(flat(one_update(tiny["model"], [0, 1, 4, 5])), flat(single)) > 0.1
 
@@ -924,7 +948,7 @@ def zero_worker(rank, world, store, model_dir, out_dir):
     from transformers import AutoModelForCausalLM
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
         cfg = sdpg.Config(micro_batch_tokens=1, alpha=0.1, ppo_minibatches=2, lr=1e-2, out_dir=out_dir)
         optimizer = sdpg.make_optimizer(model, cfg)
         assert type(optimizer).__name__ == "ZeroRedundancyOptimizer"
@@ -944,9 +968,11 @@ def zero_worker(rank, world, store, model_dir, out_dir):
 
 
 def test_zero1_adamw_equals_single_process_and_checkpoints(tiny, tmp_path):
+    # in float64: AdamW at lr 1e-2 amplifies fp32 rounding that differs with the reduction order
+    # (2e-6 to 9e-6 per tensor on some CPUs), while fp64 rounding stays far below AdamW's eps
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64)
     cfg = sdpg.Config(micro_batch_tokens=1, alpha=0.1, ppo_minibatches=2, lr=1e-2)
     full = injected_rollouts(tiny["model"])
     order = [0, 4, 2, 6, 1, 5, 3, 7]
@@ -957,21 +983,19 @@ def test_zero1_adamw_equals_single_process_and_checkpoints(tiny, tmp_path):
     sdpg.update_policy(model, optimizer, rollouts, cfg, 0)
     mp.spawn(zero_worker, args=(2, str(tmp_path / "store"), tiny["model"], str(tmp_path)), nprocs=2)
     live = torch.load(tmp_path / "live.pt")
-    start = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64).state_dict()
     single = model.state_dict()
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
-    assert rel(flat(live), flat(single)) < 1e-6 and rel(flat(single), flat(start)) > 1e-3  # moved, and alike
-    # per tensor too; k_proj.bias has an exactly-zero gradient in theory (softmax is shift-invariant),
-    # so AdamW's normalised steps on its rounding noise differ at 1e-5
-    assert all(rel(live[k], single[k]) < (1e-4 if "k_proj.bias" in k else 1e-6) for k in single)
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
+    assert rel(flat(live), flat(single)) < 1e-9 and rel(flat(single), flat(start)) > 1e-3  # moved, and alike
+    assert all(rel(live[k], single[k]) < 1e-9 for k in single)  # per tensor too
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1", dtype=torch.float64)
     assert all(torch.equal(saved.state_dict()[k], live[k]) for k in live)
     assert saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()  # still tied
     state = torch.load(tmp_path / "checkpoint-1" / "trainer_state.pt", weights_only=False)["optimizer"]
     want = optimizer.state_dict()["state"]
     assert len(state["state"]) == len(want) == len(list(model.parameters()))  # every shard, consolidated
     for i in want:
-        assert rel(state["state"][i]["exp_avg_sq"], want[i]["exp_avg_sq"]) < 1e-5
+        assert rel(state["state"][i]["exp_avg_sq"], want[i]["exp_avg_sq"]) < 1e-9
 
 
 def torchrun(args):
@@ -1033,7 +1057,8 @@ def reference_grads(hs, ht, w, tokens, adv, kl_w, ref, n_tokens, chunk=2048):
 def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, H={h}, V={v}, {dtype}, "
-          f"torch {torch.__version__}, head chunk {sdpg.head_chunk_size(v, memory_mb)} rows ({memory_mb} MB budget)")
+          f"torch {torch.__version__}, head chunk {sdpg.head_chunk_size(v, memory_mb)} rows "
+          f"({memory_mb} MB budget)")
     print(f"{'N':>7} {'method':>6} {'ms':>9} {'extra peak MB':>14} {'rel err dX':>11} {'rel err dW':>11}")
     for n in sizes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -1062,7 +1087,8 @@ def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
                     torch.cuda.reset_peak_memory_stats()
                 gh, gw = step()
                 sync()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda"
+                        else float("nan"))
                 err_h, err_w = rel(gh, want_h), rel(gw, want_w)
                 del gh, gw
                 import time
@@ -1121,14 +1147,15 @@ def bench_sampler(config, rows, prompt_len, new_tokens, device, save_to=None):
                                            **sampling, **extra).shape[1] - prompt_len)
 
     def ours():
-        responses, _ = sdpg.generate(sampler, prompts.tolist(), sdpg.Config(max_response_tokens=new_tokens), 0, [never])
+        cfg = sdpg.Config(max_response_tokens=new_tokens)
+        responses, _ = sdpg.generate(sampler, prompts.tolist(), cfg, 0, [never])
         return sum(map(len, responses))
     methods = [("HF generate, dynamic cache", hf_generate())]
     if cuda:
         methods.append(("HF generate, static cache, compiled", hf_generate(cache_implementation="static")))
     methods.append(("sdpg.generate", ours))
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {'bf16' if cuda else 'fp32'}; H={config.hidden_size}, "
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {'bf16' if cuda else 'fp32'}; H={config.hidden_size}, "
           f"L={config.num_hidden_layers}, V={config.vocab_size}; {rows} rows x {new_tokens} new tokens, "
           f"{prompt_len}-token prompts", flush=True)
     print(f"{'method':<37} {'rows':>5} {'tokens':>8} {'warm-up s':>9} {'s':>7} {'tokens/s':>9} "
@@ -1144,7 +1171,8 @@ def bench_sampler(config, rows, prompt_len, new_tokens, device, save_to=None):
             rate = tokens / seconds
             base = base or rate
             peak = (f"{torch.cuda.max_memory_allocated() / 2**30:8.2f} "
-                    f"{(torch.cuda.max_memory_allocated() - resident) / 2**30:6.2f}" if cuda else f"{'-':>8} {'-':>6}")
+                    f"{(torch.cuda.max_memory_allocated() - resident) / 2**30:6.2f}" if cuda
+                    else f"{'-':>8} {'-':>6}")
             print(f"{name:<37} {rows:>5} {tokens:>8} {warm:>9.1f} {seconds:>7.2f} {rate:>9.0f} "
                   f"{rate / base:>9.2f} {peak}", flush=True)
         except Exception as e:
