@@ -62,7 +62,7 @@ class Config:
     max_prompt_tokens: int = opt(2048, "skip prompts longer than this (the teacher's, with c, included)")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
-    sample_memory_mb: int = opt(16384, "MB for the sampler's KV cache and logits; past it, rows are split")
+    sample_memory_mb: float = opt(16384.0, "MB for the sampler's KV cache and logits; past it, rows are split")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
@@ -392,6 +392,7 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample",
     longest prompt of the set the prompts come from, so every call on that set has one shape. All
     rows go in one call unless their KV cache and fp32 logits would pass --sample-memory-mb; then
     they go in equal calls, the last one filled up with rows that are stopped from the start."""
+    model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
     c, element = model.config, next(model.parameters()).element_size()
     prompt_len = prompt_len or max(map(len, prompts), default=0)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -891,18 +892,19 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
     """accuracy/<set> for each set, greedy pass@1 (or mean@k at --temperature with --eval-samples
     k), sharded over ranks and summed; accuracy is their mean. Prints a few responses on rank 0."""
     rank, world = rank_and_world()
-    model.eval()
-    scores = {}
+    scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
     for name, problems in eval_sets.items():
         mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
-        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                                stop_ids, greedy=cfg.eval_samples == 1, desc="eval") if mine else ([], [])
+        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id, stop_ids,
+                                greedy=cfg.eval_samples == 1, desc="eval",
+                                prompt_len=max(len(p["student_ids"]) for p in problems)) if mine else ([], [])
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
         totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
         scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
         for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
             tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
+    model.sdpg_kv_caches = held  # evaluation's caches go: one graph recording an evaluation, no memory held
     return dict(accuracy=sum(scores.values()) / len(scores), **scores)
 
 
@@ -974,7 +976,13 @@ def step_prompts(problems, step, cfg):
 # Setup: flags, data and models, optimizer and resume
 # ------------------------------------------------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags, before anything is loaded or written."""
+    """Refuse bad flags, and installs older than the APIs used here (torch 2.8: addmm's out_dtype;
+    transformers 4.56: from_pretrained's dtype and the layered StaticCache), before anything is
+    loaded or written."""
+    import transformers
+    for name, have, need in (("torch", torch.__version__, "2.8"), ("transformers", transformers.__version__, "4.56")):
+        if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
+            raise UserError(f"{name} {have} is too old: sdpg.py needs {name} >= {need}")
     for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
                               ref_dtype=("auto", "bf16", "fp32"), device=("auto", "cuda", "cpu")).items():
         if getattr(cfg, flag) not in allowed:
@@ -1004,6 +1012,7 @@ class Run:
     ref_model: torch.nn.Module         # pi_ref, frozen, or None where no term uses it
     sampler: torch.nn.Module           # the policy on the CPU, its bf16 copy on CUDA
     stop_ids: list
+    prompt_len: int                    # the longest student prompt of the training set
 
 
 def load_run(cfg):
@@ -1031,13 +1040,14 @@ def load_run(cfg):
         raise UserError(f"no usable training problems in {cfg.task!r}")
     model = load_model(cfg.resume or model_path, device)
     check_plain_head(model)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})
     ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda
     ref_model = (load_model(model_path, device, torch.bfloat16 if ref_bf16 else torch.float32)
                  .requires_grad_(False) if cfg.alpha > 0 or cfg.kl_reward else None)
     return Run(device, tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
-               stop_token_ids(tokenizer, model))
+               stop_token_ids(tokenizer, model), max(len(p["student_ids"]) for p in train_set))
 
 
 def optimizer_and_resume(cfg, model):
@@ -1119,7 +1129,7 @@ def train(cfg):
         with timed(timings, "sample_s"):
             group = [p for p in step_prompts(run.train_set, step, cfg) for _ in range(G)]
             responses, truncated = generate(run.sampler, [p["student_ids"] for p in group], cfg, pad_id,
-                                            run.stop_ids)
+                                            run.stop_ids, prompt_len=run.prompt_len)
         # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
         with timed(timings, "verify_s"):
             texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -1160,6 +1170,8 @@ def train(cfg):
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        row["decode_compiles"] = COMPILES["decode_step"]  # this process's: they restart on resume
+        row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
         if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             with timed(row, "eval_s"):
                 row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))

@@ -476,31 +476,103 @@ def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
     assert sorted(rows) == sorted(gated) and sums["teacher_tokens"] == sum(gated)
 
 
+def check_compiled_decode(model, tok, compiled, monkeypatch, n=4000, temperature=1.3):
+    """The compiled decode step against the eager one. Greedy: the same tokens up to the first
+    near-tie (compiled kernels round differently). Sampled: by distribution, never by equality
+    (inductor draws its random numbers from its own stream): the token the compiled step draws
+    after the commonest first token follows the model's tempered softmax."""
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    eos, width = tok.eos_token_id, max(map(len, prompts))
+    cfg = sdpg.Config(max_response_tokens=24)
+    monkeypatch.setattr(sdpg, "graphed_decode_step", sdpg.decode_step)
+    eager = sdpg.decode_rows(model, prompts, 3, cfg, eos, [eos], True, width)
+    monkeypatch.setattr(sdpg, "graphed_decode_step", compiled)
+    graphed = sdpg.decode_rows(model, prompts, 3, cfg, eos, [eos], True, width)
+    logits = lambda ids: model(torch.tensor([ids], device=model.device)).logits[0, -1].double()  # (V,)
+    with torch.no_grad():
+        for prompt, row, want in zip(prompts, graphed, eager):
+            j = next((j for j, (a, b) in enumerate(zip(row, want)) if a != b), None)
+            if j is not None:  # allowed only after a near-tie
+                top = logits(prompt + want[:j]).topk(2).values
+                assert (top[0] - top[1]).item() < 0.1, (j, top)
+        cfg = sdpg.Config(max_response_tokens=2, temperature=temperature)
+        out = torch.tensor(sdpg.decode_rows(model, [prompts[0]] * n, n, cfg, eos, [eos], False, len(prompts[0])))
+        first = torch.bincount(out[:, 0], minlength=model.config.vocab_size)
+        first[eos] = 0
+        second = out[out[:, 0] == first.argmax(), 1]                                  # (m,)
+        freq = torch.bincount(second, minlength=model.config.vocab_size).double() / len(second)
+        p = torch.softmax(logits(prompts[0] + [first.argmax().item()]) / temperature, -1)
+    assert 0.5 * (freq.to(p.device) - p).abs().sum().item() < total_variation_bound(p, len(second))
+
+
+def test_compiled_decode_step_by_distribution_on_cpu(monkeypatch):
+    model, tok = tiny_model("qwen2", True, torch.float32)
+    compiled = sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend="aot_eager", dynamic=False)
+    check_compiled_decode(model, tok, compiled, monkeypatch)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph path)")
-def test_cuda_graph_decode_equals_eager_and_bf16_greedy_matches_hf():
+def test_cuda_graph_decode_and_bf16_greedy_matches_hf(monkeypatch):
     model, tok = tiny_model("qwen2", True, torch.float32)
     model = sdpg.sampling_policy(model.cuda())  # bf16 copy with the grouped-query decode attention
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}])
-               for q in ("Tom has 3 pens.", "Go", "2+2?")]
-    cfg, eos = sdpg.Config(max_response_tokens=40), tok.eos_token_id
-    torch.manual_seed(0)
-    graphed = sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=False)
-    eager, sdpg.graphed_decode_step = sdpg.graphed_decode_step, sdpg.decode_step
-    try:
-        torch.manual_seed(0)
-        assert sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=False) == graphed
-    finally:
-        sdpg.graphed_decode_step = eager
-    ours = sdpg.decode_rows(model, prompts, cfg, eos, [eos], greedy=True)
+    check_compiled_decode(model, tok, sdpg.graphed_decode_step, monkeypatch, n=20000)
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    eos = tok.eos_token_id
+    ours = sdpg.decode_rows(model, prompts, 3, sdpg.Config(max_response_tokens=40), eos, [eos], True,
+                            max(map(len, prompts)))
     model.config._attn_implementation = "sdpa"
-    for row, want in zip(ours, hf_greedy(model, prompts, [eos], eos, 40)):
+    for prompt, row, want in zip(prompts, ours, hf_greedy(model, prompts, [eos], eos, 40)):
         if row[:len(want)] != want:  # allowed only after a near-tie in bf16
             j = next(j for j, (a, b) in enumerate(zip(row, want)) if a != b)
-            prompt = prompts[ours.index(row)]
             with torch.no_grad():
-                logits = model(torch.tensor([prompt + want[:j]], device="cuda")).logits
-                top = logits[0, -1].float().topk(2).values
+                top = model(torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1].float().topk(2).values
             assert (top[0] - top[1]).item() < 0.1, (j, top)
+
+
+def counting_decode(monkeypatch):
+    """The decode step compiled on the CPU by a backend that counts its graphs (and runs them
+    eagerly); sdpg's own count starts from zero."""
+    graphs = []
+    backend = lambda gm, example_inputs: graphs.append(gm) or gm.forward
+    monkeypatch.setattr(sdpg, "graphed_decode_step",
+                        sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False))
+    monkeypatch.setattr(sdpg, "COMPILES", sdpg.collections.Counter())
+    return graphs
+
+
+def test_decode_compiles_once_per_set_and_mode(tiny, tmp_path, monkeypatch):
+    import dataclasses
+    graphs = counting_decode(monkeypatch)
+    # 3 steps of 16 rows over prompts of different lengths, split by a budget of about 9 rows,
+    # greedy evaluation at steps 0, 2 and 3
+    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--total-steps", "3", "--sample-memory-mb", "0.5",
+                                   "--eval-every", "2"))
+    model = sdpg.train(cfg)
+    (rows, _), = model.sdpg_kv_caches  # the training cache alone is held; evaluation's was released
+    assert rows < 16 and 16 % rows  # the rows were split, and the last call filled up
+    assert len(graphs) == sdpg.COMPILES["decode_step"] == 2  # one training shape, one greedy evaluation
+    assert [r["decode_compiles"] for r in read_metrics(tmp_path)[1:]] == [2, 2, 2]
+    tok = make_tokenizer()
+    problems = sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], "test"), 4096, False)[:4]
+    for _ in range(2):  # mean@k samples: one more shape, compiled once
+        sdpg.evaluate(model, tok, {"set": problems}, dataclasses.replace(cfg, eval_samples=2), [tok.eos_token_id])
+    assert len(graphs) == sdpg.COMPILES["decode_step"] == 3
+
+
+def test_reused_cache_keeps_its_storage_and_gives_fresh_cache_tokens():
+    model, tok = tiny_model("qwen2", True, torch.float32)
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    cfg, eos = sdpg.Config(max_response_tokens=16), tok.eos_token_id
+    for greedy in (True, False):
+        runs, storage = [], []
+        for fresh in (False, False, True):
+            if fresh:
+                model.sdpg_kv_caches.clear()
+            torch.manual_seed(0)
+            runs.append(sdpg.generate(model, prompts, cfg, eos, [eos], greedy=greedy, prompt_len=40))
+            (cache,) = model.sdpg_kv_caches.values()
+            storage.append((id(cache), cache.layers[0].keys.data_ptr(), cache.layers[-1].values.data_ptr()))
+        assert runs[0] == runs[1] == runs[2] and storage[0] == storage[1]  # the same storage, reused
 
 
 # ------------------------------------------------------------------------------------------
@@ -537,6 +609,16 @@ VERIFIER_CASES = [  # (response, reference, format, reward)
     ("#### 12 apples", "12", H, 1), ("#### 8\nmore text 9", "8", H, 1), ("#### none; earlier 9", "9", H, 0),
     # references: a plain answer or a GSM8K solution ending in '#### N'
     ("#### 10", "Natalia sold 10 clips.\n#### 10", H, 1), (r"\boxed{10}", "Sold 4+6=10.\n#### 10", B, 1),
+    # unit words from a fixed list, degrees, brace-less LaTeX, braces around the whole answer
+    (r"\boxed{5 cm}", "5", B, 1), (r"\boxed{5 cm}", "6", B, 0), (r"\boxed{12 dollars}", "12", B, 1),
+    (r"\boxed{5 square feet}", "5", B, 1), (r"\boxed{2 \pi}", "2", B, 0), (r"\boxed{3 x}", "3", B, 0),
+    (r"\boxed{3x}", "3", B, 0), ("Answer: 12 dollars", "12", B, 1), ("#### 5 cm", "5", H, 1),
+    (r"\boxed{90^\circ}", "90", B, 1), (r"\boxed{90^{\circ}}", "90", B, 1), (r"\boxed{90^\circ}", "45", B, 0),
+    (r"\boxed{\sqrt2}", r"\sqrt{2}", B, 1), (r"\boxed{\sqrt2}", r"\sqrt{3}", B, 0),
+    (r"\boxed{\frac12}", "1/2", B, 1), (r"\boxed{\frac12}", r"\frac{1}{3}", B, 0),
+    (r"\boxed{\frac1{2}}", "0.5", B, 1), (r"\boxed{3\sqrt2}", r"3\sqrt{2}", B, 1),
+    (r"\boxed{{5}}", "5", B, 1), (r"\boxed{{{x+1}}}", "x+1", B, 1), (r"\boxed{{1}{2}}", "12", B, 0),
+    (r"\boxed{{1}{2}}", "{1}{2}", B, 1),
 ]
 
 
@@ -764,7 +846,8 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     extra = ("--total-steps", "4", "--save-every", "2", "--ppo-minibatches", "2", "--beta-warmup", "0")
     sdpg.main(run_args(tiny, full, *extra)[:-8] + list(extra))
     sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + ["--resume", str(full / "checkpoint-2")])
-    timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in ("tokens_per_s",)}
+    per_process = ("tokens_per_s", "decode_compiles", "cudagraph_skips")  # timings, and counts that restart
+    timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in per_process}
     assert [timing(r) for r in read_metrics(full)[-2:]] == [timing(r) for r in read_metrics(resumed)]
     a, b = (load_file(d / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -787,6 +870,48 @@ def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, mo
     sdpg.main(run_args(tiny, tmp_path / "sdpg", "--beta-warmup", "0", "--grad-checkpointing"))
     assert len(loads) == 2  # policy and frozen reference
     assert finite_row(read_metrics(tmp_path / "sdpg")[-1])
+
+
+def test_kl_in_reward_by_hand():
+    old = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5]), torch.tensor([-3.0, -1.0, -1.0]), torch.tensor([-2.0])]
+    ref = [torch.tensor([-1.5, -2.0]), torch.tensor([-0.5]), torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-2.5])]
+    penalty = sdpg.kl_in_reward(old, ref, 0.1)
+    assert torch.allclose(penalty, torch.tensor([0.05, 0.0, -0.2, 0.05]))  # 0.1 * sum_t (old - ref)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    shaped = (rewards - penalty).double()  # groups of 2: (0.95, 0.0) and (1.2, 0.95)
+    by_hand = []
+    for a, b in ((0.95, 0.0), (1.2, 0.95)):
+        mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # the unbiased std of two values
+        by_hand += [(a - mean) / (std + 1e-6), (b - mean) / (std + 1e-6)]
+    adv = sdpg.group_advantages(rewards - penalty, 2)
+    assert torch.allclose(adv.double(), torch.tensor(by_hand, dtype=torch.float64), atol=1e-5)
+    # the second group has equal rewards, yet the penalty alone sets its advantages, as in verl
+    assert sdpg.group_advantages(rewards, 2)[2:].eq(0).all() and adv[2] > 0 > adv[3]
+    assert shaped[0] > shaped[1]
+
+
+def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
+    loads, scored, seen = [], [], []
+    real_load, real_score, real_adv = sdpg.load_model, sdpg.score_tokens, sdpg.group_advantages
+    monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(sdpg, "score_tokens", lambda m, *a: scored.append(real_score(m, *a)) or scored[-1])
+    monkeypatch.setattr(sdpg, "group_advantages", lambda r, g: seen.append(r) or real_adv(r, g))
+    baseline = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "1000", "--ppo-minibatches", "1"]
+    sdpg.main(run_args(tiny, tmp_path / "off", *baseline))
+    assert len(loads) == 1 and not scored  # coefficient 0: no reference, no extra forward
+    assert all(r["kl_penalty"] is None for r in read_metrics(tmp_path / "off")[1:])
+    loads.clear(), seen.clear()
+    sdpg.main(run_args(tiny, tmp_path / "on", *baseline, "--kl-reward", "0.5", "--lr", "3e-2"))
+    assert len(loads) == 2 and len(scored) == 4  # the reference, then pi_old, at each of the 2 steps
+    rows = read_metrics(tmp_path / "on")[1:]
+    for step, row in enumerate(rows):
+        ref, old = scored[2 * step], scored[2 * step + 1]
+        penalty = torch.stack([0.5 * (o - r).sum() for o, r in zip(old, ref)])
+        rewards = seen[step] + penalty  # what group_advantages was given, plus the penalty back
+        assert set(rewards.tolist()) <= {0.0, 1.0} or torch.allclose(rewards, rewards.round(), atol=1e-5)
+        assert row["kl_penalty"] == pytest.approx(penalty.mean().item(), rel=1e-5, abs=1e-9)
+        assert row["reward"] == pytest.approx(rewards.round().mean().item())  # the verifier's score
+    assert rows[0]["kl_penalty"] == 0.0 != rows[1]["kl_penalty"]  # pi_old = pi_ref until the first update
 
 
 def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
