@@ -1302,12 +1302,31 @@ def bench_sampler(config, rows, prompt_len, new_tokens, device, save_to=None):
                   f"{rate / base:>9.2f} {peak}", flush=True)
         except Exception as e:
             print(f"{name:<37} failed: {type(e).__name__}: {str(e).strip()[:300]}", flush=True)
+    consecutive_calls(ours, device)
     if save_to:
         tok = make_tokenizer()
         model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         model.save_pretrained(save_to)
         tok.save_pretrained(save_to)
+
+
+def consecutive_calls(fn, device, calls=6):
+    """Seconds per call, decode-step compilations and CUDA graphs recorded over consecutive calls
+    of the same shape: after the first, the time stays flat and neither count grows."""
+    from torch._inductor import cudagraph_trees
+    recorded = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+    cudagraph_trees.CUDAGraphTreeManager.record_function = lambda *a, **k: recorded.append(1) or record(*a, **k)
+    try:
+        print(f"\n{calls} consecutive sdpg.generate calls of one shape:\n"
+              f"{'call':>4} {'s':>7} {'decode_compiles':>15} {'cudagraphs_recorded':>19} {'cudagraph_skips':>15}")
+        for call in range(1, calls + 1):
+            seconds, _ = timed(fn, device)
+            print(f"{call:>4} {seconds:>7.2f} {sdpg.COMPILES['decode_step']:>15} {len(recorded):>19} "
+                  f"{torch._dynamo.utils.counters['inductor']['cudagraph_skips']:>15}", flush=True)
+    finally:
+        cudagraph_trees.CUDAGraphTreeManager.record_function = record
 
 
 def release():
@@ -1328,11 +1347,9 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
             "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
             "--total-steps", "3"]
-    print("\nrandom weights: rewards ~0, so the gate (A > 0) would pass no sample to the teacher; the SDPG "
-          "run uses --no-gate and a constant beta, so the teacher runs on every token (its worst case)")
+    print("\nrandom weights: rewards ~0, so at the default flags (gate on) the teacher sees few samples")
     step_s = {}
-    for name, extra in (("sdpg", ["--no-gate", "--beta-warmup", "0", "--beta-decay", "0"]),
-                        ("grpo", ["--beta", "0", "--alpha", "0"])):
+    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"])):
         out = os.path.join(root, name)
         default = sdpg.Config()
         print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
@@ -1356,6 +1373,67 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     if len(step_s) == 2:
         print(f"\nSDPG step_s / GRPO (beta 0, alpha 0) step_s, mean of steps {steps}: "
               f"{step_s['sdpg'] / step_s['grpo']:.2f}")
+    return step_s
+
+
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+README_FLAGS_1_7B = ["--grad-checkpointing", "--sample-memory-mb", "16000"]  # README: memory
+
+
+def bench_memory(root, shape=QWEN3_1_7B, flags=README_FLAGS_1_7B, extra=()):
+    """One SDPG step (default flags: 128 prompts x 8 samples, 512 new tokens) of a random model of
+    the given shape at the README's suggested flags, then an evaluation of 64 problems at mean@4:
+    the peak memory of each phase, each measured from a reset of the peak."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    config = Qwen3Config(**shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(os.path.join(root, "model"))
+    tok.save_pretrained(os.path.join(root, "model"))
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    del model
+    release()
+    peaks, originals = {}, {}
+
+    def phase(name):
+        def measured(*args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                return (originals[name] if name != "save_checkpoint" else lambda *a: None)(*args, **kwargs)
+            finally:
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+                peaks[name] = max(peaks.get(name, 0.0), peak) if cuda else peak
+        return measured
+    # save_checkpoint does nothing here: 27 GB of weights and AdamW state are not what we measure
+    for name in ("generate", "score_tokens", "update_policy", "evaluate", "save_checkpoint"):
+        originals[name] = getattr(sdpg, name)
+        setattr(sdpg, name, phase(name))
+    args = ["--model", os.path.join(root, "model"), "--task", write_problems(os.path.join(root, "p.jsonl"), n=64),
+            "--total-steps", "1", "--eval-every", "0", "--eval-samples", "4", *flags, *extra,
+            "--out-dir", os.path.join(root, "out")]
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; sdpg.main {' '.join(args[2:])}; "
+          f"{billions:.2f}B parameters", flush=True)
+    try:
+        sdpg.main(args)
+    finally:
+        for name, fn in originals.items():
+            setattr(sdpg, name, fn)
+    row = read_metrics(os.path.join(root, "out"))[-1]
+    print(f"{'phase':<14} {'peak GB':>8}")
+    for name, label in (("generate", "sample"), ("score_tokens", "ref/old scores"), ("update_policy", "update"),
+                        ("evaluate", "evaluate")):
+        print(f"{label:<14} {peaks.get(name, float('nan')):>8.1f}")
+    print(f"step_s {row['step_s']:.1f}, sample_s {row['sample_s']:.1f}, update_s {row['update_s']:.1f}, "
+          f"response_len {row['response_len']:.0f}, decode_compiles {row['decode_compiles']}")
+    return peaks
 
 
 if __name__ == "__main__" and "--bench" in sys.argv:
@@ -1365,6 +1443,16 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
         bench([512, 2048], 64, 8192, torch.float32, "cpu", repeats=2)
+elif __name__ == "__main__" and "--bench-memory" in sys.argv:
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        if torch.cuda.is_available():
+            bench_memory(root)
+        else:  # the same plumbing on a small shape (no peaks on the CPU)
+            bench_memory(root, dict(QWEN3_1_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16), extra=["--batch-size", "4", "--max-response-tokens", "8",
+                                                         "--eval-n", "4", "--device", "cpu"])
 elif __name__ == "__main__" and "--bench-sample" in sys.argv:
     import tempfile
     from transformers import Qwen2Config
