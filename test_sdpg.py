@@ -654,6 +654,22 @@ def test_defaults_match_the_readme_table():
     assert checked >= 25 and defaults["batch_size"] == 128 and defaults["ppo_minibatches"] == 8
 
 
+def test_readme_names_only_functions_that_exist():
+    import re
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("| Paper | What | Function in `sdpg.py` |"):readme.index("Aggregation is a token mean")]
+    rows = [row for row in table.splitlines()[2:] if row.startswith("|")]
+    names = {n for row in rows for n in re.findall(r"`(\w+)`", row.rsplit("|", 2)[1])}
+    assert {"group_advantages", "logit_grad", "sdpg_head_loss", "train"} <= names
+    assert [n for n in names if not callable(getattr(sdpg, n, None))] == []
+    # every snake_case name in backquotes in the prose (functions, metrics) is a word of sdpg.py
+    with open(os.path.join(HERE, "sdpg.py")) as f:
+        words = set(re.findall(r"\w+", f.read()))
+    others = {"k_norm", "use_kl_in_reward"} | set(globals())  # transformers', verl's, and our tests
+    assert sorted(set(re.findall(r"`([a-z]+(?:_[a-z0-9]+)+)`", readme)) - words - others) == []
+
+
 def test_resolve_model_name(tmp_path):
     assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert sdpg.resolve_model_name("Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
