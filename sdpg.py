@@ -62,7 +62,7 @@ class Config:
     max_prompt_tokens: int = opt(2048, "skip prompts longer than this (the teacher's, with c, included)")
     max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
     temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
-    sample_memory_mb: float = opt(16384.0, "MB for the sampler's KV cache and logits; past it, rows are split")
+    sample_memory_mb: float = opt(16384.0, "MB for the sampler's KV cache and logits; rows split past it")
     # objective (Eq. 2.1, 3.1-3.5, A.3)
     alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
     beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
@@ -111,6 +111,14 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
+@contextlib.contextmanager
+def timed(timings, key):
+    """Adds the seconds spent in the block to timings[key]."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
 COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
 
 
@@ -128,7 +136,8 @@ def cuda_compiled(fn, devices=("cuda",), **options):
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a compiler error, not fn's: fn then runs eagerly for good
-                print(f"notice: {fn.__name__} runs eagerly: torch.compile failed: {first_line(e)}", file=sys.stderr)
+                reason = first_line(getattr(e, "inner_exception", e))  # the backend's own error
+                print(f"notice: {fn.__name__} runs eagerly, compiling failed: {reason}", file=sys.stderr)
                 compiled = None
             finally:
                 COMPILES[fn.__name__] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
@@ -404,7 +413,8 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample",
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
         chunk = prompts[i: i + rows]
         filled = chunk + chunk[:1] * (rows - len(chunk))
-        for row in decode_rows(model, filled, len(chunk), cfg, pad_id, stop_ids, greedy, prompt_len)[:len(chunk)]:
+        rows_out = decode_rows(model, filled, len(chunk), cfg, pad_id, stop_ids, greedy, prompt_len)
+        for row in rows_out[:len(chunk)]:
             tokens, cut = cut_at_stop(row, stop_ids)
             responses.append(tokens)
             truncated.append(cut)
@@ -806,14 +816,12 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             gated = [i for i in idx if rollouts.kl_weight[i] != 0]
             teacher = None
             if gated:
-                t0 = time.perf_counter()
-                with torch.no_grad():
+                with timed(sums, "teacher_s"), torch.no_grad():
                     teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in gated],
                                               [rollouts.response_ids[i] for i in gated], pad_id)  # (n_g, H)
                 # (n, H): the rows of undistilled samples are zeros the head never reads
                 teacher = torch.nn.functional.pad(teacher, (0, 0, 0, len(tokens) - len(teacher)))
                 sums["teacher_tokens"] += sum(len(rollouts.response_ids[i]) for i in gated)
-                sums["teacher_s"] += time.perf_counter() - t0
             ref = torch.cat([rollouts.ref_logp[i] for i in idx]).to(device) if rollouts.ref_logp else None
             old = torch.cat([rollouts.old_logp[i] for i in idx]).to(device) if rollouts.old_logp else None
             student = response_hidden(model, [rollouts.student_ids[i] for i in idx], resp, pad_id)  # (n, H)
@@ -895,9 +903,9 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
     scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
     for name, problems in eval_sets.items():
         mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
-        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id, stop_ids,
-                                greedy=cfg.eval_samples == 1, desc="eval",
-                                prompt_len=max(len(p["student_ids"]) for p in problems)) if mine else ([], [])
+        longest = max(len(p["student_ids"]) for p in problems)  # one shape for the set, whatever the rank
+        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
+                                stop_ids, cfg.eval_samples == 1, "eval", longest) if mine else ([], [])
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
         totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
@@ -980,7 +988,8 @@ def check_flags(cfg, world):
     transformers 4.56: from_pretrained's dtype and the layered StaticCache), before anything is
     loaded or written."""
     import transformers
-    for name, have, need in (("torch", torch.__version__, "2.8"), ("transformers", transformers.__version__, "4.56")):
+    for name, have, need in (("torch", torch.__version__, "2.8"),
+                             ("transformers", transformers.__version__, "4.56")):
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
             raise UserError(f"{name} {have} is too old: sdpg.py needs {name} >= {need}")
     for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
@@ -1004,7 +1013,6 @@ def check_flags(cfg, world):
 @dataclass
 class Run:
     """What the training loop works with, loaded once by load_run."""
-    device: str
     tokenizer: object
     train_set: list                    # problems with student_ids and teacher_ids
     eval_sets: dict                    # set name ('gsm8k', or the file's name) -> problems
@@ -1046,7 +1054,7 @@ def load_run(cfg):
     ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda
     ref_model = (load_model(model_path, device, torch.bfloat16 if ref_bf16 else torch.float32)
                  .requires_grad_(False) if cfg.alpha > 0 or cfg.kl_reward else None)
-    return Run(device, tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
+    return Run(tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
                stop_token_ids(tokenizer, model), max(len(p["student_ids"]) for p in train_set))
 
 
@@ -1094,14 +1102,6 @@ def open_metrics(cfg, start):
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
     return write
-
-
-@contextlib.contextmanager
-def timed(timings, key):
-    """Adds the seconds spent in the block to timings[key]."""
-    t0 = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------
@@ -1166,7 +1166,7 @@ def train(cfg):
                             f"stopping at step {step} (try a lower --lr)")
         # 6. log (metrics summed over ranks), evaluate, save
         sums["kl_penalty"] = penalty.sum().item()
-        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, run.device),
+        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, model.device),
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -1176,8 +1176,8 @@ def train(cfg):
             with timed(row, "eval_s"):
                 row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))
         log(row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl="-" if row["opd_kl"] is None else f"{row['opd_kl']:.3g}",
-                        acc="-" if row["accuracy"] is None else f"{row['accuracy']:.3f}")
+        show = lambda key, fmt: "-" if row[key] is None else format(row[key], fmt)
+        bar.set_postfix(reward=show("reward", ".3f"), kl=show("opd_kl", ".3g"), acc=show("accuracy", ".3f"))
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, run.tokenizer, optimizer, scheduler, bad_steps)
     return model

@@ -476,12 +476,15 @@ def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
     assert sorted(rows) == sorted(gated) and sums["teacher_tokens"] == sum(gated)
 
 
+THREE_QUESTIONS = ("Tom has 3 pens.", "Go", "2+2?")
+
+
 def check_compiled_decode(model, tok, compiled, monkeypatch, n=4000, temperature=1.3):
     """The compiled decode step against the eager one. Greedy: the same tokens up to the first
     near-tie (compiled kernels round differently). Sampled: by distribution, never by equality
     (inductor draws its random numbers from its own stream): the token the compiled step draws
     after the commonest first token follows the model's tempered softmax."""
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in THREE_QUESTIONS]
     eos, width = tok.eos_token_id, max(map(len, prompts))
     cfg = sdpg.Config(max_response_tokens=24)
     monkeypatch.setattr(sdpg, "graphed_decode_step", sdpg.decode_step)
@@ -496,7 +499,8 @@ def check_compiled_decode(model, tok, compiled, monkeypatch, n=4000, temperature
                 top = logits(prompt + want[:j]).topk(2).values
                 assert (top[0] - top[1]).item() < 0.1, (j, top)
         cfg = sdpg.Config(max_response_tokens=2, temperature=temperature)
-        out = torch.tensor(sdpg.decode_rows(model, [prompts[0]] * n, n, cfg, eos, [eos], False, len(prompts[0])))
+        out = sdpg.decode_rows(model, [prompts[0]] * n, n, cfg, eos, [eos], False, len(prompts[0]))
+        out = torch.tensor(out)                                                       # (n, 2)
         first = torch.bincount(out[:, 0], minlength=model.config.vocab_size)
         first[eos] = 0
         second = out[out[:, 0] == first.argmax(), 1]                                  # (m,)
@@ -516,7 +520,7 @@ def test_cuda_graph_decode_and_bf16_greedy_matches_hf(monkeypatch):
     model, tok = tiny_model("qwen2", True, torch.float32)
     model = sdpg.sampling_policy(model.cuda())  # bf16 copy with the grouped-query decode attention
     check_compiled_decode(model, tok, sdpg.graphed_decode_step, monkeypatch, n=20000)
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in THREE_QUESTIONS]
     eos = tok.eos_token_id
     ours = sdpg.decode_rows(model, prompts, 3, sdpg.Config(max_response_tokens=40), eos, [eos], True,
                             max(map(len, prompts)))
@@ -525,7 +529,8 @@ def test_cuda_graph_decode_and_bf16_greedy_matches_hf(monkeypatch):
         if row[:len(want)] != want:  # allowed only after a near-tie in bf16
             j = next(j for j, (a, b) in enumerate(zip(row, want)) if a != b)
             with torch.no_grad():
-                top = model(torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1].float().topk(2).values
+                logits = model(torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1]
+                top = logits.float().topk(2).values
             assert (top[0] - top[1]).item() < 0.1, (j, top)
 
 
@@ -534,8 +539,8 @@ def counting_decode(monkeypatch):
     eagerly); sdpg's own count starts from zero."""
     graphs = []
     backend = lambda gm, example_inputs: graphs.append(gm) or gm.forward
-    monkeypatch.setattr(sdpg, "graphed_decode_step",
-                        sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False))
+    compiled = sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False)
+    monkeypatch.setattr(sdpg, "graphed_decode_step", compiled)
     monkeypatch.setattr(sdpg, "COMPILES", sdpg.collections.Counter())
     return graphs
 
@@ -555,13 +560,26 @@ def test_decode_compiles_once_per_set_and_mode(tiny, tmp_path, monkeypatch):
     tok = make_tokenizer()
     problems = sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], "test"), 4096, False)[:4]
     for _ in range(2):  # mean@k samples: one more shape, compiled once
-        sdpg.evaluate(model, tok, {"set": problems}, dataclasses.replace(cfg, eval_samples=2), [tok.eos_token_id])
+        mean_at_2 = dataclasses.replace(cfg, eval_samples=2)
+        sdpg.evaluate(model, tok, {"set": problems}, mean_at_2, [tok.eos_token_id])
     assert len(graphs) == sdpg.COMPILES["decode_step"] == 3
+
+
+def test_a_failed_compile_is_one_notice_then_eager(capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no Triton here")
+
+    def add_one(x):
+        return x + 1
+    compiled = sdpg.cuda_compiled(add_one, devices=("cpu",), backend=broken)
+    assert [compiled(torch.ones(2)).tolist() for _ in range(3)] == [[2.0, 2.0]] * 3
+    err = capsys.readouterr().err
+    assert err.count("notice: add_one runs eagerly") == 1 and "no Triton here" in err
 
 
 def test_reused_cache_keeps_its_storage_and_gives_fresh_cache_tokens():
     model, tok = tiny_model("qwen2", True, torch.float32)
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go", "2+2?")]
+    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in THREE_QUESTIONS]
     cfg, eos = sdpg.Config(max_response_tokens=16), tok.eos_token_id
     for greedy in (True, False):
         runs, storage = [], []
@@ -658,7 +676,8 @@ def test_readme_names_only_functions_that_exist():
     import re
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
-    table = readme[readme.index("| Paper | What | Function in `sdpg.py` |"):readme.index("Aggregation is a token mean")]
+    start = readme.index("| Paper | What | Function in `sdpg.py` |")
+    table = readme[start:readme.index("Aggregation is a token mean")]
     rows = [row for row in table.splitlines()[2:] if row.startswith("|")]
     names = {n for row in rows for n in re.findall(r"`(\w+)`", row.rsplit("|", 2)[1])}
     assert {"group_advantages", "logit_grad", "sdpg_head_loss", "train"} <= names
@@ -889,8 +908,8 @@ def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, mo
 
 
 def test_kl_in_reward_by_hand():
-    old = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5]), torch.tensor([-3.0, -1.0, -1.0]), torch.tensor([-2.0])]
-    ref = [torch.tensor([-1.5, -2.0]), torch.tensor([-0.5]), torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-2.5])]
+    old = [torch.tensor(x) for x in ([-1.0, -2.0], [-0.5], [-3.0, -1.0, -1.0], [-2.0])]
+    ref = [torch.tensor(x) for x in ([-1.5, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-2.5])]
     penalty = sdpg.kl_in_reward(old, ref, 0.1)
     assert torch.allclose(penalty, torch.tensor([0.05, 0.0, -0.2, 0.05]))  # 0.1 * sum_t (old - ref)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
@@ -912,7 +931,8 @@ def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     monkeypatch.setattr(sdpg, "score_tokens", lambda m, *a: scored.append(real_score(m, *a)) or scored[-1])
     monkeypatch.setattr(sdpg, "group_advantages", lambda r, g: seen.append(r) or real_adv(r, g))
-    baseline = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "1000", "--ppo-minibatches", "1"]
+    baseline = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "1000",
+                "--ppo-minibatches", "1"]
     sdpg.main(run_args(tiny, tmp_path / "off", *baseline))
     assert len(loads) == 1 and not scored  # coefficient 0: no reference, no extra forward
     assert all(r["kl_penalty"] is None for r in read_metrics(tmp_path / "off")[1:])
@@ -1333,10 +1353,12 @@ def consecutive_calls(fn, device, calls=6):
     from torch._inductor import cudagraph_trees
     recorded = []
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
-    cudagraph_trees.CUDAGraphTreeManager.record_function = lambda *a, **k: recorded.append(1) or record(*a, **k)
+    counted = lambda *a, **k: recorded.append(1) or record(*a, **k)
+    cudagraph_trees.CUDAGraphTreeManager.record_function = counted
     try:
         print(f"\n{calls} consecutive sdpg.generate calls of one shape:\n"
-              f"{'call':>4} {'s':>7} {'decode_compiles':>15} {'cudagraphs_recorded':>19} {'cudagraph_skips':>15}")
+              f"{'call':>4} {'s':>7} {'decode_compiles':>15} {'cudagraphs_recorded':>19} "
+              f"{'cudagraph_skips':>15}")
         for call in range(1, calls + 1):
             seconds, _ = timed(fn, device)
             print(f"{call:>4} {seconds:>7.2f} {sdpg.COMPILES['decode_step']:>15} {len(recorded):>19} "
@@ -1432,7 +1454,8 @@ def bench_memory(root, shape=QWEN3_1_7B, flags=README_FLAGS_1_7B, extra=()):
     for name in ("generate", "score_tokens", "update_policy", "evaluate", "save_checkpoint"):
         originals[name] = getattr(sdpg, name)
         setattr(sdpg, name, phase(name))
-    args = ["--model", os.path.join(root, "model"), "--task", write_problems(os.path.join(root, "p.jsonl"), n=64),
+    problems = write_problems(os.path.join(root, "p.jsonl"), n=64)
+    args = ["--model", os.path.join(root, "model"), "--task", problems,
             "--total-steps", "1", "--eval-every", "0", "--eval-samples", "4", *flags, *extra,
             "--out-dir", os.path.join(root, "out")]
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; sdpg.main {' '.join(args[2:])}; "
@@ -1444,8 +1467,8 @@ def bench_memory(root, shape=QWEN3_1_7B, flags=README_FLAGS_1_7B, extra=()):
             setattr(sdpg, name, fn)
     row = read_metrics(os.path.join(root, "out"))[-1]
     print(f"{'phase':<14} {'peak GB':>8}")
-    for name, label in (("generate", "sample"), ("score_tokens", "ref/old scores"), ("update_policy", "update"),
-                        ("evaluate", "evaluate")):
+    for name, label in (("generate", "sample"), ("score_tokens", "ref/old scores"),
+                        ("update_policy", "update"), ("evaluate", "evaluate")):
         print(f"{label:<14} {peaks.get(name, float('nan')):>8.1f}")
     print(f"step_s {row['step_s']:.1f}, sample_s {row['sample_s']:.1f}, update_s {row['update_s']:.1f}, "
           f"response_len {row['response_len']:.0f}, decode_compiles {row['decode_compiles']}")
