@@ -963,7 +963,10 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                 entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
                 response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
                 loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps, skipped_updates=t["skipped"],
-                teacher_tokens=t["teacher_tokens"], tokens=t["tokens"])
+                teacher_tokens=t["teacher_tokens"], tokens=t["tokens"],
+                peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+                decode_compiles=COMPILES["decode_step"],  # this process's counts: they restart on resume
+                cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
 
 
 def step_prompts(problems, step, cfg):
@@ -1169,9 +1172,6 @@ def train(cfg):
         row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, model.device),
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        row["decode_compiles"] = COMPILES["decode_step"]  # this process's: they restart on resume
-        row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
         if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             with timed(row, "eval_s"):
                 row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))
