@@ -112,10 +112,14 @@ def autocast(device):
 
 
 @contextlib.contextmanager
-def timed(timings, key):
-    """Adds the seconds spent in the block to timings[key]."""
+def timed(timings, key, device):
+    """Adds the seconds spent in the block to timings[key]. On CUDA the clock is read after a
+    synchronisation (one per phase), so that the time is the phase's and not the queue's."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     yield
+    sync()
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -124,24 +128,25 @@ COMPILES = collections.Counter()  # graphs compiled per function in this process
 
 def cuda_compiled(fn, devices=("cuda",), **options):
     """fn through torch.compile when its first tensor argument is on CUDA, else eagerly. Where
-    compiling fails (no Triton, an old GPU, ...) one notice line says why, and fn runs eagerly."""
-    compiled = torch.compile(fn, **options)
-
+    compiling fails (no Triton, an old GPU, ...) one notice line says why, and fn runs eagerly.
+    `call.compiled_ran` says whether the compiled fn has run (the head sizes its chunks by it)."""
     def call(*args):
-        nonlocal compiled
-        if compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
+        if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             try:
-                return compiled(*args)
+                out = call.compiled(*args)
+                call.compiled_ran = True
+                return out
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a compiler error, not fn's: fn then runs eagerly for good
                 reason = first_line(getattr(e, "inner_exception", e))  # the backend's own error
                 print(f"notice: {fn.__name__} runs eagerly, compiling failed: {reason}", file=sys.stderr)
-                compiled = None
+                call.compiled, call.compiled_ran = None, False
             finally:
                 COMPILES[fn.__name__] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         return fn(*args)
+    call.compiled, call.compiled_ran = torch.compile(fn, **options), False
     return call
 
 
@@ -539,8 +544,14 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 def kl_in_reward(old_logp, ref_logp, coef):
     """Table 1's GRPO baseline (verl's KL in the reward): coef * sum_t k1_t for each response,
     k1_t = log pi_old(y_t) - log pi_ref(y_t) on its sampled tokens, subtracted from R_i before the
-    group advantage. old_logp, ref_logp: S tensors (|y_i|,); returns (S,)."""
-    return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)])  # (S,)
+    group advantage. old_logp, ref_logp: S per-token tensors (|y_i|,) on the model's device;
+    returns a per-sample (S,) on the CPU, like the rewards it is subtracted from (one copy)."""
+    return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
+
+
+def positive_advantage_gate(advantages):
+    """Eq. 3.5: m_i = 1[A_i > 0], distil only the responses the verifier endorses."""
+    return (advantages > 0).float()
 
 
 def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
@@ -554,12 +565,13 @@ def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
 def ref_kl_penalty(logp, ref_logp, mode="urkl"):
     """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens,
     log w = log pi_theta(y_t) - log pi_ref(y_t). Its gradient w.r.t. logp is the REINFORCE
-    coefficient of that KL: urkl log w, ufkl 1 - 1/w."""
+    coefficient of that KL: urkl log w, ufkl 1 - 1/w. Both are 0 at w = 1 (ufkl's -1 has no
+    gradient; it makes the logged ref_kl read 0 when the policy equals the reference)."""
     log_w = logp - ref_logp
     if mode == "urkl":
-        return 0.5 * log_w ** 2            # unnormalised reverse KL: (1/2) log^2 w
+        return 0.5 * log_w ** 2                # unnormalised reverse KL: (1/2) log^2 w
     if mode == "ufkl":
-        return torch.exp(-log_w) + log_w   # unnormalised forward KL: 1/w + log w
+        return torch.exp(-log_w) + log_w - 1   # unnormalised forward KL: 1/w + log w - 1
     raise ValueError(f"unknown kl mode {mode!r}")
 
 
@@ -641,11 +653,17 @@ fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
 
-def head_chunk_size(vocab_size, memory_mb, device_type="cuda"):
-    """Rows per chunk so that the head's (chunk x V) buffers fit memory_mb: on CUDA (compiled) the
-    bf16 student and teacher logits and gradient; eagerly about eight fp32 temporaries."""
-    bytes_per_row = vocab_size * (3 * 2 if device_type == "cuda" else 8 * 4)
-    return max(1, int(memory_mb * 2**20) // bytes_per_row)
+def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
+    """(start, end) row ranges whose (chunk x V) buffers fit memory_mb, sized before each chunk:
+    once the compiled kernels have run, the bf16 student and teacher logits and gradient (6 bytes
+    a row and vocabulary entry); before that, eagerly and after a failed compile, about eight fp32
+    temporaries (32 bytes). chunk_size fixes the rows instead."""
+    start = 0
+    while start < n:
+        compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
+        rows = chunk_size or max(1, int(memory_mb * 2**20) // (vocab_size * (6 if compiled else 32)))
+        yield start, min(n, start + rows)
+        start += rows
 
 
 class FusedSDPGHead(torch.autograd.Function):
@@ -655,7 +673,7 @@ class FusedSDPGHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
-                old_logp, ref_logp, n_tokens, hp, chunk_size, matmul_dtype):
+                old_logp, ref_logp, n_tokens, hp, matmul_dtype):
         n, dtype = student_hidden.shape[0], matmul_dtype or student_hidden.dtype
         fdt = torch.promote_types(dtype, torch.float32)
         w = weight.to(dtype)                                              # (V, H)
@@ -666,8 +684,7 @@ class FusedSDPGHead(torch.autograd.Function):
         stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
         scale = 1.0 / (n_tokens * hp["temperature"])                     # token mean; z = hW / T
         distil_rows = (kl_weight != 0).cpu() if teacher_hidden is not None else None  # one sync
-        for s in range(0, n, chunk_size):
-            e = min(n, s + chunk_size)
+        for s, e in head_chunks(n, weight.shape[0], hp["memory_mb"], hp["chunk_size"]):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
             student_logits = h @ w.T                                      # (c, V)  GEMM 1
             distil = distil_rows is not None and bool(distil_rows[s:e].any())
@@ -704,7 +721,7 @@ class FusedSDPGHead(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad_hidden, grad_weight = ctx.saved_tensors
         return ((grad_hidden * grad_loss).to(ctx.dtypes[0]), None,
-                (grad_weight * grad_loss).to(ctx.dtypes[1])) + (None,) * 9
+                (grad_weight * grad_loss).to(ctx.dtypes[1])) + (None,) * 8
 
 
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -718,11 +735,10 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
     advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
     (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
     Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
-    chunk = chunk_size or head_chunk_size(weight.shape[0], memory_mb, student_hidden.device.type)
     hp = dict(alpha=alpha, kl_mode=kl_mode, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
-              temperature=temperature)
+              temperature=temperature, chunk_size=chunk_size, memory_mb=memory_mb)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
-                               old_logp, ref_logp, n_tokens, hp, chunk, matmul_dtype)
+                               old_logp, ref_logp, n_tokens, hp, matmul_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -774,16 +790,16 @@ class Rollouts:
 def score_tokens(model, rollouts, cfg, pad_id):
     """log pi(y_t | x, y<t) of the sampled tokens under `model` (the reference, or pi_old): a list
     of (|y_i|,), with the head's chunks and log-softmax (logit_stats), never (tokens x V) logits."""
+    model.eval()  # pi_old is the policy, left in training mode by the last update
     weight, out = model.get_output_embeddings().weight, []
     w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
-    chunk = head_chunk_size(weight.shape[0], cfg.head_memory_mb, weight.device.type)
     prompts, responses = rollouts.student_ids, rollouts.response_ids
     for mb in micro_batches([len(p) + len(r) for p, r in zip(prompts, responses)], cfg.micro_batch_tokens):
         resp = [responses[i] for i in mb]
         hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
-        logp = [fused_logit_stats(hidden[s:s + chunk] @ w.T, None, tokens[s:s + chunk], cfg.temperature)[0]
-                for s in range(0, len(tokens), chunk)]                                      # (c,) each
+        logp = [fused_logit_stats(hidden[s:e] @ w.T, None, tokens[s:e], cfg.temperature)[0]
+                for s, e in head_chunks(len(tokens), w.shape[0], cfg.head_memory_mb)]     # (c,) each
         out.extend(torch.cat(logp).float().split([len(r) for r in resp]))
     return out
 
@@ -809,14 +825,15 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             # head's teacher GEMM stops at the first chunk past them
             idx = sorted((minibatch[k] for k in mb), key=lambda i: bool(rollouts.kl_weight[i] == 0))
             resp = [rollouts.response_ids[i] for i in idx]
-            lens = torch.tensor([len(r) for r in resp], device=device)           # (b,)
-            tokens = torch.tensor(sum(resp, []), device=device)                  # (n,)
-            adv = torch.repeat_interleave(rollouts.advantages[idx].to(device), lens)   # (n,)
-            kl_w = torch.repeat_interleave(rollouts.kl_weight[idx].to(device), lens)   # (n,)
+            lens = torch.tensor([len(r) for r in resp])                            # (b,)
+            tokens = torch.tensor(sum(resp, []), device=device)                    # (n,)
+            # the per-sample CPU vectors become per-token tensors, and cross to the device once
+            adv = torch.repeat_interleave(rollouts.advantages[idx], lens).to(device)   # (n,)
+            kl_w = torch.repeat_interleave(rollouts.kl_weight[idx], lens).to(device)   # (n,)
             gated = [i for i in idx if rollouts.kl_weight[i] != 0]
             teacher = None
             if gated:
-                with timed(sums, "teacher_s"), torch.no_grad():
+                with timed(sums, "teacher_s", device), torch.no_grad():
                     teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in gated],
                                               [rollouts.response_ids[i] for i in gated], pad_id)  # (n_g, H)
                 # (n, H): the rows of undistilled samples are zeros the head never reads
@@ -921,8 +938,9 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
     trainer_state.pt for --resume. Written to a temporary directory, then renamed, so a crash
     mid-save never spoils the last good checkpoint."""
     rank, world = rank_and_world()
+    # this rank's GPU only: get_rng_state_all would open a CUDA context on every GPU in every rank
     rngs = [dict(python=random.getstate(), torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)] * world
+                 cuda=torch.cuda.get_rng_state() if model.device.type == "cuda" else None)] * world
     if distributed():
         dist.all_gather_object(rngs, rngs[rank])
         optimizer.consolidate_state_dict(to=0)  # ZeRO-1: every rank's AdamW shard, gathered on rank 0
@@ -964,7 +982,7 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                 response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
                 loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps, skipped_updates=t["skipped"],
                 teacher_tokens=t["teacher_tokens"], tokens=t["tokens"],
-                peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+                peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
                 decode_compiles=COMPILES["decode_step"],  # this process's counts: they restart on resume
                 cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
 
@@ -987,11 +1005,10 @@ def step_prompts(problems, step, cfg):
 # Setup: flags, data and models, optimizer and resume
 # ------------------------------------------------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags, and installs older than the APIs used here (torch 2.8: addmm's out_dtype;
-    transformers 4.56: from_pretrained's dtype and the layered StaticCache), before anything is
-    loaded or written."""
+    """Refuse bad flags, and installs older than the APIs used here (torch 2.10: CUDA addmm with
+    out_dtype into an fp32 sum; transformers 4.56: from_pretrained's dtype, the layered StaticCache)."""
     import transformers
-    for name, have, need in (("torch", torch.__version__, "2.8"),
+    for name, have, need in (("torch", torch.__version__, "2.10"),
                              ("transformers", transformers.__version__, "4.56")):
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
             raise UserError(f"{name} {have} is too old: sdpg.py needs {name} >= {need}")
@@ -1054,7 +1071,9 @@ def load_run(cfg):
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda
+    # bf16 on CUDA, except for the KL in the reward: there pi_ref must compute as pi_old does, so
+    # that k1 is exactly 0 until the policy moves (in a flat group it alone sets A_i)
+    ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda and not cfg.kl_reward
     ref_model = (load_model(model_path, device, torch.bfloat16 if ref_bf16 else torch.float32)
                  .requires_grad_(False) if cfg.alpha > 0 or cfg.kl_reward else None)
     return Run(tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
@@ -1071,7 +1090,8 @@ def optimizer_and_resume(cfg, model):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     if not cfg.resume:
         return optimizer, scheduler, 1, 0
-    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
+    # on the CPU: AdamW's state moves to its parameters' device as it loads, never all to GPU 0
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
     changed = [k for k, v in state["config"].items()
                if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
     if changed and rank == 0:
@@ -1082,8 +1102,8 @@ def optimizer_and_resume(cfg, model):
     rng = state["rng"][rank]
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] is not None and model.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
     return optimizer, scheduler, state["step"] + 1, state["bad_steps"]
 
 
@@ -1114,7 +1134,7 @@ def train(cfg):
     rank, world = rank_and_world()
     check_flags(cfg, world)
     run = load_run(cfg)
-    model, pad_id, G = run.model, run.tokenizer.pad_token_id, cfg.group_size
+    model, pad_id, G, device = run.model, run.tokenizer.pad_token_id, cfg.group_size, run.model.device
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
     log = open_metrics(cfg, start)
     if start == 1 and run.eval_sets:  # the starting point: step 0
@@ -1126,37 +1146,39 @@ def train(cfg):
                total=cfg.total_steps)
     for step in bar:
         timings, t_step, lr = {}, time.perf_counter(), scheduler.get_last_lr()[0]
-        if torch.cuda.is_available():
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # 1. sample: G responses per prompt from pi_theta(.|x)                        (Alg. 1, l. 5)
-        with timed(timings, "sample_s"):
+        with timed(timings, "sample_s", device):
             group = [p for p in step_prompts(run.train_set, step, cfg) for _ in range(G)]
             responses, truncated = generate(run.sampler, [p["student_ids"] for p in group], cfg, pad_id,
                                             run.stop_ids, prompt_len=run.prompt_len)
         # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
-        with timed(timings, "verify_s"):
+        with timed(timings, "verify_s", device):
             texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
             rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
                                     for t, p in zip(texts, group)])                           # (S,)
-        # 3. no-grad scores: reference log-probs; old log-probs where rho can differ from 1
-        with timed(timings, "ref_s"):
+        # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
+        # where rho can differ from 1 or the KL in the reward needs them
+        with timed(timings, "ref_s", device):
             rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
                                 responses)
             if run.ref_model is not None:
                 rollouts.ref_logp = score_tokens(run.ref_model, rollouts, cfg, pad_id)
+            old_logp = None
             if cfg.ppo_minibatches > 1 or cfg.kl_reward:
                 old_logp = score_tokens(model, rollouts, cfg, pad_id)
-                rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
-        # 4. group advantages (Eq. 2.1) of R_i, less the KL penalty where it is on (a flat group
-        # then has A != 0, as in verl), gate m_i = 1[A_i > 0] (Eq. 3.5), beta(k) (Sec. 3.5.2)
+            rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
+        # 4. per-sample, on the CPU: group advantages (Eq. 2.1) of R_i less the KL penalty where it
+        # is on (a flat group then has A != 0, as in verl), the gate (Eq. 3.5), beta(k) (Sec. 3.5.2)
         penalty = (kl_in_reward(old_logp, rollouts.ref_logp, cfg.kl_reward) if cfg.kl_reward
                    else torch.zeros(len(rewards)))                                            # (S,)
         rollouts.advantages = group_advantages(rewards - penalty, G)                           # (S,)
-        gate = (rollouts.advantages > 0).float() if cfg.gate else torch.ones(len(rewards))   # (S,)
+        gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
         # 5. update: teacher forward on the gated samples, student forward, fused head, AdamW
-        with timed(timings, "update_s"):
+        with timed(timings, "update_s", device):
             sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
             scheduler.step()
             if run.sampler is not model:  # the bf16 sampling copy, refreshed in place
@@ -1173,7 +1195,7 @@ def train(cfg):
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
-            with timed(row, "eval_s"):
+            with timed(row, "eval_s", device):
                 row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))
         log(row)
         show = lambda key, fmt: "-" if row[key] is None else format(row[key], fmt)

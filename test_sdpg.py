@@ -123,7 +123,7 @@ def test_beta_schedule_edges():
 
 @pytest.mark.parametrize("mode,value,grad", [
     ("urkl", lambda lw: 0.5 * lw ** 2, lambda lw: lw),
-    ("ufkl", lambda lw: torch.exp(-lw) + lw, lambda lw: 1 - torch.exp(-lw)),
+    ("ufkl", lambda lw: torch.exp(-lw) + lw - 1, lambda lw: 1 - torch.exp(-lw)),
 ])
 def test_ref_kl_penalty_value_and_gradient(mode, value, grad):
     logp = torch.tensor([-0.5, -2.0, -0.1], dtype=torch.float64, requires_grad=True)
@@ -133,7 +133,7 @@ def test_ref_kl_penalty_value_and_gradient(mode, value, grad):
     assert torch.allclose(f.detach(), value(lw))
     (g,) = torch.autograd.grad(f.sum(), logp)
     assert torch.allclose(g, grad(lw))
-    assert sdpg.ref_kl_penalty(ref, ref, "urkl").abs().max() == 0  # pi = pi_ref: no penalty
+    assert sdpg.ref_kl_penalty(ref, ref, mode).abs().max() == 0  # pi = pi_ref: no penalty, ref_kl 0
 
 
 def test_dual_clip_regimes():
@@ -361,10 +361,23 @@ def test_microbatch_invariance():
     assert rel(part_h.grad, whole_h.grad) < 1e-12 and rel(part_w.grad, whole_w.grad) < 1e-12
 
 
-def test_head_chunk_size_from_budget():
-    assert sdpg.head_chunk_size(151936, 1024, "cuda") == 2**30 // (151936 * 6)
-    assert sdpg.head_chunk_size(151936, 1024, "cpu") == 2**30 // (151936 * 32)
-    assert sdpg.head_chunk_size(10**9, 1) == 1
+def test_head_chunks_are_sized_for_the_path_that_runs(monkeypatch):
+    """Eager until the compiled kernels have run (32 bytes a row and vocabulary entry), compiled
+    after (6 bytes), eager again after a failed compile: the eager fallback stays in budget."""
+    rows = lambda: [e - s for s, e in sdpg.head_chunks(10**5, 151936, 1024)][0]
+    assert rows() == 2**30 // (151936 * 32)  # nothing compiled has run (the CPU never compiles)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no Triton here")
+    for backend, bytes_per_entry in (("eager", 6), (broken, 32)):
+        for name in ("logit_stats", "logit_grad"):
+            fn = sdpg.cuda_compiled(getattr(sdpg, name), devices=("cpu",), backend=backend, dynamic=True)
+            monkeypatch.setattr(sdpg, "fused_" + name, fn)
+        hs, ht, w, tokens, adv, kl_w, old, ref = head_inputs(dtype=torch.float32)
+        sdpg.sdpg_head_loss(hs, ht, w, tokens, adv, kl_w, old, ref, 13.0, chunk_size=5)
+        assert rows() == 2**30 // (151936 * bytes_per_entry)
+    assert [e - s for s, e in sdpg.head_chunks(13, 29, 1, chunk_size=5)] == [5, 5, 3]
+    assert [e - s for s, e in sdpg.head_chunks(2, 10**9, 1)] == [1, 1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -591,6 +604,9 @@ def test_reused_cache_keeps_its_storage_and_gives_fresh_cache_tokens():
             (cache,) = model.sdpg_kv_caches.values()
             storage.append((id(cache), cache.layers[0].keys.data_ptr(), cache.layers[-1].values.data_ptr()))
         assert runs[0] == runs[1] == runs[2] and storage[0] == storage[1]  # the same storage, reused
+    # transformers marks the cache static without an address guard (torch >= 2.10's default), so a
+    # new evaluation cache re-records the CUDA graph but never recompiles the decode step
+    assert {layer.keys._dynamo_static_input_type for layer in cache.layers} == {"unguarded"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -950,6 +966,43 @@ def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
     assert rows[0]["kl_penalty"] == 0.0 != rows[1]["kl_penalty"]  # pi_old = pi_ref until the first update
 
 
+class OnDevice(torch.Tensor):
+    """A tensor that stands for one on the GPU. The CPU suite has one device, so a device mismatch
+    cannot show there; this makes one show: as on CUDA, an op that meets it with a CPU tensor of
+    one or more dimensions raises, and .cpu() or .to(a device) give a plain (CPU) tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        to_device = func is torch.Tensor.to and any(isinstance(a, (str, torch.device)) for a in leaves)
+        if func is torch.Tensor.cpu or to_device:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        if any(type(a) is torch.Tensor and a.dim() > 0 for a in leaves):
+            raise RuntimeError(f"{func.__name__}: a device tensor meets a CPU tensor")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("minibatches", ["1", "2"])
+def test_per_token_scores_stay_on_the_device_and_per_sample_vectors_on_the_cpu(tiny, tmp_path, monkeypatch,
+                                                                              minibatches):
+    """The KL in the reward meets the per-token scores (on the model's device) and the rewards (on
+    the CPU): the penalty must cross to the CPU, and the advantages and weights stay there."""
+    real_score, real_update, seen = sdpg.score_tokens, sdpg.update_policy, []
+    monkeypatch.setattr(sdpg, "score_tokens", lambda *a: [t.as_subclass(OnDevice) for t in real_score(*a)])
+
+    def update(model, optimizer, rollouts, *args):
+        old = rollouts.old_logp and rollouts.old_logp[0]
+        seen.append([type(t) for t in (rollouts.advantages, rollouts.kl_weight, rollouts.ref_logp[0], old)])
+        return real_update(model, optimizer, rollouts, *args)
+    monkeypatch.setattr(sdpg, "update_policy", update)
+    sdpg.main(run_args(tiny, tmp_path, "--kl-reward", "0.5", "--ppo-minibatches", minibatches))
+    old = OnDevice if minibatches == "2" else type(None)
+    assert seen == [[torch.Tensor, torch.Tensor, OnDevice, old]] * 2
+    assert all(math.isfinite(r["kl_penalty"]) for r in read_metrics(tmp_path)[1:])
+
+
 def test_tokenizer_without_pad_token_uses_eos(tiny, tmp_path, monkeypatch):
     import transformers
     assert make_tokenizer(pad=False).pad_token is None
@@ -1218,8 +1271,7 @@ def reference_grads(hs, ht, w, tokens, adv, kl_w, ref, n_tokens, chunk=2048):
 def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, H={h}, V={v}, {dtype}, "
-          f"torch {torch.__version__}, head chunk {sdpg.head_chunk_size(v, memory_mb)} rows "
-          f"({memory_mb} MB budget)")
+          f"torch {torch.__version__}, head budget {memory_mb} MB")
     print(f"{'N':>7} {'method':>6} {'ms':>9} {'extra peak MB':>14} {'rel err dX':>11} {'rel err dW':>11}")
     for n in sizes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -1265,6 +1317,8 @@ def bench(sizes, h, v, dtype, device, repeats=5, memory_mb=2048):
             except torch.OutOfMemoryError:
                 print(f"{n:>7} {name:>6} {'OOM':>9}")
                 torch.cuda.empty_cache()
+    print(f"head chunk: {next(sdpg.head_chunks(10**9, v, memory_mb))[1]} rows (compiled: "
+          f"{sdpg.fused_logit_stats.compiled_ran and sdpg.fused_logit_grad.compiled_ran})")
 
 
 # ------------------------------------------------------------------------------------------
