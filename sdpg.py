@@ -104,9 +104,7 @@ def first_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-# ------------------------------------------------------------------------------------------
-# Helpers: autocast and torch.compile on CUDA; ranks (`python sdpg.py` never uses torch.distributed)
-# ------------------------------------------------------------------------------------------
+# --- Helpers: autocast and torch.compile on CUDA; ranks (a plain `python sdpg.py` has no torch.distributed)
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
@@ -174,9 +172,7 @@ def all_reduce_grads(params):
         dist.all_reduce(p.grad)
 
 
-# ------------------------------------------------------------------------------------------
-# Data: problems x with privileged context c, and the prompts of Figure 4
-# ------------------------------------------------------------------------------------------
+# --- Data: problems x with privileged context c, and the prompts of Figure 4 --------------------------------
 ANSWER_FORMATS = {  # Figure 4's answer sentences, and GSM8K's '####' in their place (--answer-format)
     "boxed": ("Present your final answer inside \\boxed{}, for example \\boxed{42}.",
               "Remember to put your final answer inside \\boxed{}."),
@@ -293,9 +289,7 @@ def build_prompts(tokenizer, problems, max_tokens, with_teacher, answer_format="
     return kept
 
 
-# ------------------------------------------------------------------------------------------
-# Rollouts: G responses per prompt from the unprivileged policy (Algorithm 1, line 5)
-# ------------------------------------------------------------------------------------------
+# --- Rollouts: G responses per prompt from the unprivileged policy (Algorithm 1, line 5) --------------------
 def stop_token_ids(tokenizer, model):
     """EOS and the chat end-of-turn: for Qwen both <|endoftext|> and <|im_end|>."""
     eos = model.generation_config.eos_token_id
@@ -351,15 +345,13 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 @torch.no_grad()
 def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len):
-    """One batch, left-padded to prompt_len: a static KV cache of prompt_len + --max-response-tokens
-    slots (rounded up to 16), one prefill, then one decode step per token. Rows from `live` on are
-    stopped from the start (they only keep the shape fixed). The cache is kept on the model, one
-    per shape, and reset before each prefill, so its storage and the CUDA graph captured on it
-    serve the whole run. (B, prompt) ids -> (B, N) tokens."""
+    """(B, prompt) ids -> (B, N) tokens, left-padded to prompt_len: one prefill into a static KV
+    cache, then one decode step per token. Rows from `live` on are stopped from the start: they
+    only keep the shape fixed."""
     from transformers import StaticCache
     device = next(model.parameters()).device
     B, P, N = len(prompts), prompt_len, cfg.max_response_tokens
-    L = -(-(P + N) // 16) * 16
+    L = -(-(P + N) // 16) * 16                                                           # cache slots
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
     start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first token
     mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
@@ -367,24 +359,22 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     slots = torch.arange(L, device=device)                                              # (L,) cache positions
     stops = torch.tensor(stop_ids, device=device)
     done = torch.arange(B, device=device) >= live                                       # (B,)
+    # one cache per shape, kept on the model and reset before each prefill: its storage, and the
+    # CUDA graph captured on it, serve the whole run
+    caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
+    if (B, L) not in caches:
+        caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
+    caches[B, L].reset()
+    # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
+    cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
+                   else "past_key_values": caches[B, L]}
     with autocast(device):
-        if model.config.model_type not in ("qwen2", "qwen3", "llama", "mistral"):  # families the loop knows
-            if not getattr(model, "_sdpg_notice", False):
-                print(f"notice: sampling with model.generate ({model.config.model_type})", file=sys.stderr)
-                model._sdpg_notice = True
-            return model.generate(input_ids=ids, attention_mask=mask[:, :P], max_new_tokens=N, top_k=0,
-                                  eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=not greedy,
-                                  temperature=cfg.temperature)[:, P:].tolist()
-        caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
-        if (B, L) not in caches:
-            caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
-        cache = caches[B, L]
-        cache.reset()
-        # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
-        cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
-                       else "past_key_values": cache}
-        logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, **cache_kwarg,
-                       cache_position=slots[:P], logits_to_keep=1).logits                 # (B, 1, V)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, **cache_kwarg,
+                           cache_position=slots[:P], logits_to_keep=1).logits             # (B, 1, V)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise UserError(f"cannot sample from model type {model.config.model_type!r} with a static KV "
+                            f"cache: {first_line(e)}") from None
         tokens = sample_token(logits[:, -1], cfg.temperature, greedy)                   # (B,)
         out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
         positions = positions[:, -1]                                                    # (B,)
@@ -402,10 +392,9 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
 
 @torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
-    """Responses (token lists, stop token included) and truncation flags. prompt_len is the
-    longest prompt of the set the prompts come from, so every call on that set has one shape. All
-    rows go in one call unless their KV cache and fp32 logits would pass --sample-memory-mb; then
-    they go in equal calls, the last one filled up with rows that are stopped from the start."""
+    """Responses (token lists, stop token included) and truncation flags. prompt_len, the longest
+    prompt of the set, fixes the shape of every call on that set. Rows go in equal calls where
+    their KV cache and fp32 logits would pass --sample-memory-mb, the last filled up."""
     model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
     c, element = model.config, next(model.parameters()).element_size()
     prompt_len = prompt_len or max(map(len, prompts), default=0)
@@ -448,9 +437,7 @@ def use_decode_attention(model):
     return model
 
 
-# ------------------------------------------------------------------------------------------
-# Verifier: binary reward from the final answer (Algorithm 1, line 7)
-# ------------------------------------------------------------------------------------------
+# --- Verifier: binary reward from the final answer (Algorithm 1, line 7) ------------------------------------
 NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"   # 1,234.5 | 12 | 12. | .5 ; never 2,5
 SIGNED = re.compile(rf"([+-]?)({NUMBER})")
 FRACTION = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
@@ -527,9 +514,7 @@ def reward(response, reference, answer_format="boxed"):
     return float(predicted is not None and predicted == reference_answer(reference))
 
 
-# ------------------------------------------------------------------------------------------
-# The objective, one function per equation
-# ------------------------------------------------------------------------------------------
+# --- The objective, one function per equation ---------------------------------------------------------------
 def group_advantages(rewards, group_size, eps_std=1e-6):
     """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as in the authors' code.
     rewards: (B*G,) with each group contiguous. Groups of equal rewards, or of one, get A = 0."""
@@ -647,9 +632,7 @@ fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 
 
-# ------------------------------------------------------------------------------------------
-# The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits
-# ------------------------------------------------------------------------------------------
+# --- The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits ----------------------------
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
 
@@ -741,10 +724,7 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
                                old_logp, ref_logp, n_tokens, hp, matmul_dtype)
 
 
-# ------------------------------------------------------------------------------------------
-# The update: forward passes to final hidden states (never to logits), Eq. 3.1 over the batch,
-# one global token-mean, clipped AdamW
-# ------------------------------------------------------------------------------------------
+# --- The update: hidden states (never logits), Eq. 3.1 over the batch, one token-mean, AdamW ------------
 def response_hidden(model, prompts, responses, pad_id):
     """Final-norm hidden states that predict each response token, flattened: (sum |y_i|, H).
     Sequences are right-padded [prompt | response | pad], so positions are 0..L-1 as in
@@ -873,9 +853,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     return sums
 
 
-# ------------------------------------------------------------------------------------------
-# Model loading, evaluation and checkpoints
-# ------------------------------------------------------------------------------------------
+# --- Model loading, evaluation and checkpoints --------------------------------------------------------------
 def load_pretrained(kind, path, **kwargs):
     """transformers' AutoModelForCausalLM or AutoTokenizer; a failure is one error line."""
     import transformers
@@ -885,14 +863,9 @@ def load_pretrained(kind, path, **kwargs):
         raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
 
 
-def load_model(path, device, dtype=torch.float32):
-    return load_pretrained("AutoModelForCausalLM", path, dtype=dtype).to(device)
-
-
 def make_optimizer(model, cfg):
-    """AdamW (fused on CUDA: no full-size foreach temporaries). Under torchrun its state is
-    sharded over the ranks (ZeRO-1): each rank updates its share of the parameters from the
-    all-reduced gradients and broadcasts them, the same update as unsharded AdamW."""
+    """AdamW, fused on CUDA (no full-size foreach temporaries); under torchrun its state is sharded
+    over the ranks (ZeRO-1), each rank updating and broadcasting its share of the parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                   fused=params[0].is_cuda or None)
@@ -934,9 +907,8 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
 
 
 def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps):
-    """<out>/checkpoint-<step>: weights (safetensors) and tokenizer for AutoModelForCausalLM, and
-    trainer_state.pt for --resume. Written to a temporary directory, then renamed, so a crash
-    mid-save never spoils the last good checkpoint."""
+    """<out>/checkpoint-<step>, for AutoModelForCausalLM and --resume; written under another name,
+    then renamed, so that a crash mid-save never spoils the last good checkpoint."""
     rank, world = rank_and_world()
     # this rank's GPU only: get_rng_state_all would open a CUDA context on every GPU in every rank
     rngs = [dict(python=random.getstate(), torch=torch.get_rng_state(),
@@ -951,8 +923,8 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        rng=rngs, data_position=step * cfg.batch_size, bad_steps=bad_steps,
-                        config=dataclasses.asdict(cfg)), os.path.join(tmp, "trainer_state.pt"))
+                        rng=rngs, bad_steps=bad_steps, config=dataclasses.asdict(cfg)),
+                   os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     if distributed():
@@ -961,13 +933,14 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
 
 def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
-    keys = ["tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl", "teacher_tokens",
-            "skipped", "kl_penalty", "reward", "samples", "flat_groups", "groups", "gated", "truncated"]
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
-    local = [sums[k] for k in keys[:10]] + [rewards.sum().item(), len(rewards),
-                                           (groups.min(1).values == groups.max(1).values).sum().item(),
-                                           len(groups), gate.sum().item(), sum(truncated)]
-    t = dict(zip(keys, all_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
+    local = {k: sums[k] for k in ("tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl",
+                                  "teacher_tokens", "skipped", "kl_penalty")}
+    local.update(reward=rewards.sum().item(), samples=len(rewards), groups=len(groups),
+                 flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
+                 gated=gate.sum().item(), truncated=sum(truncated))
+    summed = all_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
+    t = dict(zip(local, summed))  # by name: a key added anywhere cannot shift the others
     longest = torch.tensor(float(max(map(len, responses))), device=device)
     if distributed():
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
@@ -1001,9 +974,7 @@ def step_prompts(problems, step, cfg):
     return batch[rank::world]
 
 
-# ------------------------------------------------------------------------------------------
-# Setup: flags, data and models, optimizer and resume
-# ------------------------------------------------------------------------------------------
+# --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
     """Refuse bad flags, and installs older than the APIs used here (torch 2.10: CUDA addmm with
     out_dtype into an fp32 sum; transformers 4.56: from_pretrained's dtype, the layered StaticCache)."""
@@ -1044,9 +1015,8 @@ class Run:
 
 
 def load_run(cfg):
-    """Device and seeds, tokenizer, training and evaluation prompts, the policy, the reference
-    (the initial policy, also on resume) and the sampling copy: all checked before anything is
-    written."""
+    """Everything the loop works with, checked before anything is written. The reference is the
+    initial policy, also on resume."""
     rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
@@ -1066,7 +1036,7 @@ def load_run(cfg):
             eval_sets[os.path.splitext(os.path.basename(task))[0]] = problems[: cfg.eval_n or None]
     if not train_set:
         raise UserError(f"no usable training problems in {cfg.task!r}")
-    model = load_model(cfg.resume or model_path, device)
+    model = load_pretrained("AutoModelForCausalLM", cfg.resume or model_path, dtype=torch.float32).to(device)
     check_plain_head(model)
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
@@ -1074,16 +1044,18 @@ def load_run(cfg):
     # bf16 on CUDA, except for the KL in the reward: there pi_ref must compute as pi_old does, so
     # that k1 is exactly 0 until the policy moves (in a flat group it alone sets A_i)
     ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda and not cfg.kl_reward
-    ref_model = (load_model(model_path, device, torch.bfloat16 if ref_bf16 else torch.float32)
-                 .requires_grad_(False) if cfg.alpha > 0 or cfg.kl_reward else None)
+    ref_model = None
+    if cfg.alpha > 0 or cfg.kl_reward:
+        ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
+        ref_model = load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
+        ref_model.requires_grad_(False)
     return Run(tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
                stop_token_ids(tokenizer, model), max(len(p["student_ids"]) for p in train_set))
 
 
 def optimizer_and_resume(cfg, model):
-    """AdamW with a linear learning-rate warmup; with --resume, their state, the step to start
-    from, the count of bad steps and every random stream. Returns (optimizer, scheduler, start,
-    bad_steps)."""
+    """AdamW and its linear warmup; with --resume, their state, the step, the count of bad steps
+    and every random stream."""
     rank, _ = rank_and_world()
     optimizer = make_optimizer(model, cfg)
     warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup))  # linear, then constant
@@ -1108,8 +1080,7 @@ def optimizer_and_resume(cfg, model):
 
 
 def open_metrics(cfg, start):
-    """<out>/metrics.jsonl: a fresh run starts a fresh file; a resumed one keeps the steps before
-    `start`. Returns a function that appends one row (on rank 0)."""
+    """The row writer of <out>/metrics.jsonl (rank 0); a resumed run keeps the rows before `start`."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank_and_world()[0] != 0:
         return lambda row: None
@@ -1127,9 +1098,7 @@ def open_metrics(cfg, start):
     return write
 
 
-# ------------------------------------------------------------------------------------------
-# Training loop: Algorithm 1
-# ------------------------------------------------------------------------------------------
+# --- Training loop: Algorithm 1 -----------------------------------------------------------------------------
 def train(cfg):
     rank, world = rank_and_world()
     check_flags(cfg, world)
@@ -1191,7 +1160,7 @@ def train(cfg):
                             f"stopping at step {step} (try a lower --lr)")
         # 6. log (metrics summed over ranks), evaluate, save
         sums["kl_penalty"] = penalty.sum().item()
-        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, model.device),
+        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, device),
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
@@ -1209,13 +1178,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=f.type, default=f.default, help=help)
     return Config(**vars(parser.parse_args(argv)))
 
 

@@ -432,16 +432,12 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
     assert split == want
 
 
-def test_unknown_model_type_falls_back_to_model_generate(capsys):
+def test_a_forward_without_a_static_cache_is_one_error():
     model, tok = tiny_model("qwen2", False)
-    prompts = [sdpg.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("Tom has 3 pens.", "Go")]
-    cfg, eos = sdpg.Config(max_response_tokens=8), tok.eos_token_id
-    ours, _ = sdpg.generate(model, prompts, cfg, eos, [eos], greedy=True)
-    model.config.model_type = "other"  # a family the decode loop does not know
-    for _ in range(2):
-        fallback, _ = sdpg.generate(model, prompts, cfg, eos, [eos], greedy=True)
-        assert fallback == ours == hf_greedy(model, prompts, [eos], eos, 8)
-    assert capsys.readouterr().err.count("notice: sampling with model.generate (other)") == 1
+    prompt = sdpg.chat_prompt(tok, [{"role": "user", "content": "Go"}])
+    model.forward = lambda input_ids, attention_mask, position_ids, cache_position, logits_to_keep: None
+    with pytest.raises(sdpg.UserError, match="cannot sample from model type 'qwen2' with a static KV cache"):
+        sdpg.generate(model, [prompt], sdpg.Config(max_response_tokens=4), 0, [0])
 
 
 def total_variation_bound(p, n):
@@ -904,10 +900,19 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def count_model_loads(monkeypatch):
+    """The paths of the models that sdpg loads, in order (tokenizers not counted)."""
+    loads, real = [], sdpg.load_pretrained
+
+    def load(kind, path, **kwargs):
+        loads.extend([path] if kind == "AutoModelForCausalLM" else [])
+        return real(kind, path, **kwargs)
+    monkeypatch.setattr(sdpg, "load_pretrained", load)
+    return loads
+
+
 def test_grpo_baseline_loads_no_reference_and_runs_no_teacher(tiny, tmp_path, monkeypatch):
-    loads = []
-    real = sdpg.load_model
-    monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    loads = count_model_loads(monkeypatch)
     hidden_calls = []
     real_hidden = sdpg.response_hidden
     monkeypatch.setattr(sdpg, "response_hidden",
@@ -942,9 +947,8 @@ def test_kl_in_reward_by_hand():
 
 
 def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
-    loads, scored, seen = [], [], []
-    real_load, real_score, real_adv = sdpg.load_model, sdpg.score_tokens, sdpg.group_advantages
-    monkeypatch.setattr(sdpg, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    loads, scored, seen = count_model_loads(monkeypatch), [], []
+    real_score, real_adv = sdpg.score_tokens, sdpg.group_advantages
     monkeypatch.setattr(sdpg, "score_tokens", lambda m, *a: scored.append(real_score(m, *a)) or scored[-1])
     monkeypatch.setattr(sdpg, "group_advantages", lambda r, g: seen.append(r) or real_adv(r, g))
     baseline = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "1000",
@@ -1529,6 +1533,79 @@ def bench_memory(root, shape=QWEN3_1_7B, flags=README_FLAGS_1_7B, extra=()):
     return peaks
 
 
+# ------------------------------------------------------------------------------------------
+# The evidence rows (not a test): python test_sdpg.py --make-rows DIR
+# ------------------------------------------------------------------------------------------
+# Small arithmetic word problems as verl rows (--answer-format hash), calibrated so that
+# SmolLM2-135M-Instruct solves about 1 in 8 at T = 1 and its hinted teacher is clearly ahead. The
+# chat: two worked examples of the same kind as earlier turns, then the question. Every user turn
+# ends with the marker and a hint (the worked steps and the answer): the student sees no hint, the
+# teacher sees all of them, the examples' included, which shows in context how a hint is used.
+EVIDENCE_NAMES = [("Ana", "She"), ("Ben", "He"), ("Carla", "She"), ("Dev", "He"), ("Eva", "She"),
+                  ("Farid", "He"), ("Gina", "She"), ("Hugo", "He"), ("Iris", "She"), ("Jonas", "He")]
+EVIDENCE_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "stamps", "shells", "cards"]
+
+
+def evidence_problem(rng, kind):
+    """(question, worked steps, answer) of one random problem of the given kind."""
+    (name, he), item = rng.choice(EVIDENCE_NAMES), rng.choice(EVIDENCE_ITEMS)
+    if kind == "buy":          # one step: a + b
+        a, b = rng.randint(11, 59), rng.randint(11, 39)
+        q = f"{name} has {a} {item}. {he} buys {b} more. How many {item} does {name} have now?"
+        return q, f"{a} + {b} = {a + b}.", a + b
+    if kind == "buy_give":     # two steps: a + b - c, two-digit numbers
+        a, b = rng.randint(11, 39), rng.randint(5, 19)
+    else:                      # "buy_give_small": a + b - c, small numbers
+        a, b = rng.randint(5, 20), rng.randint(2, 9)
+    c = rng.randint(3 if kind == "buy_give" else 2, a + b - 3)
+    q = (f"{name} has {a} {item}. {he} buys {b} more and then gives away {c}. "
+         f"How many {item} does {name} have now?")
+    return q, f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c
+
+
+def evidence_user_turn(question, steps, answer):
+    return (f"{question}\nEnd your answer with #### N.{sdpg.TEACHER_CONTEXT}\n[Hint] {steps} "
+            f"The correct answer is {answer}.")
+
+
+def evidence_row(rng, seen):
+    """One verl row whose question is new (not in `seen`), after two worked examples."""
+    kind = rng.choice(["buy", "buy_give", "buy_give_small"])
+    while (p := evidence_problem(rng, kind))[0] in seen:
+        pass
+    seen.add(p[0])
+    chat = []
+    for _ in range(2):
+        ex = evidence_problem(rng, kind)
+        chat += [dict(role="user", content=evidence_user_turn(*ex)),
+                 dict(role="assistant", content=f"{ex[1]}\n#### {ex[2]}")]
+    chat.append(dict(role="user", content=evidence_user_turn(*p)))
+    return dict(prompt=chat, reward_model=dict(ground_truth=str(p[2])))
+
+
+def make_rows(directory, seed=0, n_train=200, n_heldout=100):
+    """DIR/train.jsonl and DIR/heldout.jsonl, whose questions are disjoint."""
+    import random
+    rng, seen = random.Random(seed), set()
+    os.makedirs(directory, exist_ok=True)
+    for name, n in (("train.jsonl", n_train), ("heldout.jsonl", n_heldout)):
+        with open(os.path.join(directory, name), "w") as f:
+            f.writelines(json.dumps(evidence_row(rng, seen)) + "\n" for _ in range(n))
+        print(f"wrote {n} rows to {os.path.join(directory, name)}")
+
+
+def test_evidence_rows_are_disjoint_and_hide_the_hint(tmp_path):
+    make_rows(tmp_path)
+    sets = [sdpg.load_problems(str(tmp_path / name), "train") for name in ("train.jsonl", "heldout.jsonl")]
+    assert [len(rows) for rows in sets] == [200, 100]
+    question = lambda p: p["messages"][-1]["content"].split("\n")[0]
+    train, heldout = ({question(p) for p in rows} for rows in sets)
+    assert len(train) == 200 and len(heldout) == 100 and not train & heldout
+    student, teacher = sdpg.split_context(sets[0][0]["messages"], "hash")
+    assert [m["content"].count("[Hint]") for m in student + teacher] == [0] * 5 + [1, 0, 1, 0, 1]
+    assert sdpg.reward(teacher[1]["content"], sets[0][0]["messages"][1]["content"], "hash") == 1.0
+
+
 if __name__ == "__main__" and "--bench" in sys.argv:
     budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 2048
     if torch.cuda.is_available():
@@ -1563,3 +1640,5 @@ elif __name__ == "__main__" and "--bench-sample" in sys.argv:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              tie_word_embeddings=True)
         bench_sampler(config, 64, 32, 64, "cpu")
+elif __name__ == "__main__" and "--make-rows" in sys.argv:
+    make_rows(sys.argv[sys.argv.index("--make-rows") + 1])
