@@ -192,19 +192,16 @@ HINT_SOLUTION = (
 
 def resolve_model_name(name):
     """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must exist."""
-    if os.path.isdir(name):
-        return name
-    if re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
+    if not os.path.isdir(name) and re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
         return "Qwen/" + name
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UserError(f"model path {name!r} does not exist")
     return name
 
 
 def load_problems(task, split):
-    """Rows of {messages, answer}: a chat whose user turn holds TEACHER_CONTEXT before the
-    privileged context c, and the reference answer. 'gsm8k', our own question/answer[/context]
-    files, or verl's rows (prompt = chat messages, reward_model.ground_truth), used as given."""
+    """Rows of {messages, answer}, each user turn holding TEACHER_CONTEXT before the privileged
+    context c: from 'gsm8k', our question/answer[/context] files, or verl's rows as they are."""
     if task == "gsm8k":
         try:
             import datasets  # imported only where a Hub data set is loaded
@@ -274,8 +271,7 @@ def split_context(messages, answer_format="boxed"):
 
 
 def build_prompts(tokenizer, problems, max_tokens, with_teacher, answer_format="boxed"):
-    """Student prompt x and teacher prompt (c, x) per problem (Figure 4). Prompts over the limit
-    are skipped, with a warning."""
+    """Student prompt x and teacher prompt (c, x) per problem; those over the limit are skipped."""
     kept = []
     for p in problems:
         student_chat, teacher_chat = split_context(p["messages"], answer_format)
@@ -416,15 +412,16 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample",
 
 
 def sampling_policy(model):
-    """The policy that samples: on CUDA a bf16 copy of the fp32 weights (2 bytes a parameter) with
-    the grouped-query decode attention, refreshed in place by load_state_dict after every update
-    so that captured CUDA graphs stay valid; on the CPU the policy itself."""
+    """On CUDA a bf16 copy of the policy, refreshed in place after each update (so the captured
+    CUDA graphs stay valid); on the CPU the policy itself."""
     if not next(model.parameters()).is_cuda:
         return model
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
     for p in copy.parameters():  # parameters only: rotary inv_freq buffers stay fp32
         p.data = p.data.to(torch.bfloat16)
-    return use_decode_attention(copy)
+    # families with plain grouped-query attention (no sinks, one head size); others keep their own
+    known = copy.config.model_type in ("qwen2", "qwen3", "llama", "mistral")
+    return use_decode_attention(copy) if known else copy
 
 
 def use_decode_attention(model):
@@ -459,23 +456,19 @@ def closing_brace(text, start):
     return None
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} or \\fbox{...} (balanced braces), or None."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    end = closing_brace(text, starts[-1]) if starts else None
-    return None if end is None else text[starts[-1]:end]
-
-
 def final_answer(text, answer_format="boxed"):
-    """The response's final answer as written, or None. boxed: the last \\boxed{}, else the
-    last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
+    """The response's final answer as written, or None. boxed: the last \\boxed{} or \\fbox{}, else
+    the last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
     if answer_format == "hash":  # of GSM8K's '#### 12 apples', the leading number
         line = text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
         number = line and re.match(rf"[-+$\s]*(?:{NUMBER})(?![\d,/])", line)
         return number[0] if number else line
-    boxed = last_boxed(text)
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]  # balanced braces
+    end = closing_brace(text, starts[-1]) if starts else None
+    if end is not None:
+        return text[starts[-1]:end]
     lines = re.findall(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)", text)
-    return boxed if boxed is not None else lines[-1].strip(" *") if lines else None
+    return lines[-1].strip(" *") if lines else None
 
 
 def normalise(answer):
@@ -590,8 +583,7 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
     """Row statistics of one chunk: log pi(y_t), entropy, and the exact full-vocabulary
     KL_t = sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher). Also returns the
     log-normalisers, so that logit_grad needs no second reduction. The temperature divides the
-    student's logits only, as in the authors' code.
-    Logits (c, V) in the GEMM's dtype, upcast here to fp32 (fp64 stays fp64)."""
+    student's logits only, as in the authors' code. Logits (c, V), fp32 (or fp64)."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     z = student_logits.to(fdt) / temperature                              # (c, V)
     lse_p = z.logsumexp(-1)                                               # (c,)
@@ -608,13 +600,13 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
 
 
 def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef, logp_coef,
-               temperature=1.0):
+               temperature=1.0, grad_dtype=None):
     """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)):
       Proposition 3.1: with the teacher detached, dKL_t/dz = p * (log p - log q - KL_t)
         = -p * A_dist, A_dist = SG[KL_t - log(p/q)], the log-ratio advantage centred under p:
         the KL gradient is a policy gradient over the whole vocabulary;
       sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, scaled by logp_coef = dl/dlog pi(y_t).
-    kl_coef, logp_coef (c,); returns (c, V) in the logits' dtype, ready for the two GEMMs."""
+    kl_coef, logp_coef (c,); returns (c, V) in grad_dtype (default: the logits'), for two GEMMs."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     logp = student_logits.to(fdt) / temperature - lse_p[:, None]          # (c, V)
     p = logp.exp()                                                        # (c, V)
@@ -623,11 +615,11 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
         logq = teacher_logits.to(fdt) - lse_q[:, None]                    # (c, V)
         grad = grad + kl_coef[:, None] * p * (logp - logq - kl[:, None])  # Prop. 3.1
     onehot = torch.arange(p.shape[1], device=p.device) == tokens[:, None]  # (c, V) bool
-    return torch.where(onehot, grad + logp_coef[:, None], grad).to(student_logits.dtype)
+    return torch.where(onehot, grad + logp_coef[:, None], grad).to(grad_dtype or student_logits.dtype)
 
 
-# on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that read the
-# low-precision logits and hold no fp32 (chunk x V) buffers
+# on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that hold no
+# (chunk x V) temporaries
 fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 
@@ -636,15 +628,23 @@ fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
 
+def fp32_logits(hidden, weight):
+    """hidden @ weight.T in fp32 (fp64 stays fp64), (c, H) x (V, H) -> (c, V): a bf16 GEMM sums in
+    fp32, and rounding its output to bf16 would move log pi by up to 0.06 where |z| >= 16."""
+    if hidden.is_cuda and hidden.dtype == torch.bfloat16:
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+    return (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
+
+
 def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
     """(start, end) row ranges whose (chunk x V) buffers fit memory_mb, sized before each chunk:
-    once the compiled kernels have run, the bf16 student and teacher logits and gradient (6 bytes
-    a row and vocabulary entry); before that, eagerly and after a failed compile, about eight fp32
-    temporaries (32 bytes). chunk_size fixes the rows instead."""
+    once the compiled kernels have run, the fp32 student and teacher logits and the bf16 gradient
+    (10 bytes a row and vocabulary entry); before that, eagerly and after a failed compile, about
+    eight fp32 temporaries (32 bytes). chunk_size fixes the rows instead."""
     start = 0
     while start < n:
         compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
-        rows = chunk_size or max(1, int(memory_mb * 2**20) // (vocab_size * (6 if compiled else 32)))
+        rows = chunk_size or max(1, int(memory_mb * 2**20) // (vocab_size * (10 if compiled else 32)))
         yield start, min(n, start + rows)
         start += rows
 
@@ -669,9 +669,9 @@ class FusedSDPGHead(torch.autograd.Function):
         distil_rows = (kl_weight != 0).cpu() if teacher_hidden is not None else None  # one sync
         for s, e in head_chunks(n, weight.shape[0], hp["memory_mb"], hp["chunk_size"]):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
-            student_logits = h @ w.T                                      # (c, V)  GEMM 1
+            student_logits = fp32_logits(h, w)                            # (c, V)  GEMM 1
             distil = distil_rows is not None and bool(distil_rows[s:e].any())
-            teacher_logits = teacher_hidden[s:e].to(dtype) @ w.T if distil else None  # GEMM 2
+            teacher_logits = fp32_logits(teacher_hidden[s:e].to(dtype), w) if distil else None  # GEMM 2
             tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
                 student_logits, teacher_logits, y, hp["temperature"])     # (c,) each
             # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
@@ -687,8 +687,8 @@ class FusedSDPGHead(torch.autograd.Function):
             kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
-            dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl,
-                                  kl_coef * scale, logp_coef.to(fdt) * scale, hp["temperature"])
+            dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
+                                  logp_coef.to(fdt) * scale, hp["temperature"], dtype)  # (c, V)
             grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
             if dz.is_cuda and dz.dtype != grad_weight.dtype:  # bf16 GEMM summing into fp32
                 torch.addmm(grad_weight, dz.T, h, out_dtype=grad_weight.dtype, out=grad_weight)  # GEMM 4
@@ -726,9 +726,8 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
 
 # --- The update: hidden states (never logits), Eq. 3.1 over the batch, one token-mean, AdamW ------------
 def response_hidden(model, prompts, responses, pad_id):
-    """Final-norm hidden states that predict each response token, flattened: (sum |y_i|, H).
-    Sequences are right-padded [prompt | response | pad], so positions are 0..L-1 as in
-    generation; the state at position |prompt| - 1 + j predicts response token j."""
+    """Final-norm hidden states that predict each response token, (sum |y_i|, H). Rows are
+    [prompt | response | pad], so the state at |prompt| - 1 + j predicts response token j."""
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -755,15 +754,14 @@ def micro_batches(samples, token_budget):
 
 @dataclass
 class Rollouts:
-    """One step's samples, in group order. Per sample: prompt ids (student, teacher), response
-    ids, advantage, distillation weight beta(k) m_i; per response token: ref and old log-probs."""
-    student_ids: list
-    teacher_ids: list
-    response_ids: list
-    advantages: torch.Tensor = None    # (S,)
-    kl_weight: torch.Tensor = None     # (S,)
-    ref_logp: list = None              # S tensors (|y_i|,) or None
-    old_logp: list = None
+    """One step's samples, in group order: per sample on the CPU, per token on the model's device."""
+    student_ids: list                  # prompt x
+    teacher_ids: list                  # prompt (c, x), or None without a teacher
+    response_ids: list                 # y_i
+    advantages: torch.Tensor = None    # (S,) A_i
+    kl_weight: torch.Tensor = None     # (S,) beta(k) m_i
+    ref_logp: list = None              # S tensors (|y_i|,), or None without a reference
+    old_logp: list = None              # S tensors (|y_i|,), or None on-policy
 
 
 @torch.no_grad()
@@ -778,16 +776,15 @@ def score_tokens(model, rollouts, cfg, pad_id):
         resp = [responses[i] for i in mb]
         hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
-        logp = [fused_logit_stats(hidden[s:e] @ w.T, None, tokens[s:e], cfg.temperature)[0]
+        logp = [fused_logit_stats(fp32_logits(hidden[s:e], w), None, tokens[s:e], cfg.temperature)[0]
                 for s, e in head_chunks(len(tokens), w.shape[0], cfg.head_memory_mb)]     # (c,) each
         out.extend(torch.cat(logp).float().split([len(r) for r in resp]))
     return out
 
 
 def update_policy(model, optimizer, rollouts, cfg, pad_id):
-    """Minimise Eq. 3.1 on the rollouts with --ppo-minibatches optimizer steps. Each step's loss
-    is summed over every micro-batch (and rank) and divided by the global response-token count.
-    Returns summed metrics; a non-finite loss or gradient norm skips that step."""
+    """Minimise Eq. 3.1 in --ppo-minibatches optimizer steps, each a token-mean over all its
+    micro-batches and ranks. Returns summed metrics; a non-finite step is skipped."""
     weight = model.get_output_embeddings().weight
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
@@ -864,11 +861,12 @@ def load_pretrained(kind, path, **kwargs):
 
 
 def make_optimizer(model, cfg):
-    """AdamW, fused on CUDA (no full-size foreach temporaries); under torchrun its state is sharded
-    over the ranks (ZeRO-1), each rank updating and broadcasting its share of the parameters."""
+    """AdamW, fused on one GPU (no full-size foreach temporaries); under torchrun its state is
+    sharded over the ranks (ZeRO-1), each rank updating and broadcasting its share. ZeRO loads
+    AdamW's step counts onto the CPU, where the fused kernel cannot take them: foreach there."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                  fused=params[0].is_cuda or None)
+                  fused=params[0].is_cuda and not distributed() or None)
     if distributed():
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
@@ -961,8 +959,8 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
 
 
 def step_prompts(problems, step, cfg):
-    """The global batch of step k (1-based): a fresh permutation each epoch, seeded, so the data
-    position is a function of the step and resumes exactly. Each rank takes whole groups."""
+    """Step k's prompts (1-based), from a seeded permutation per epoch: a function of the step, so
+    a resumed run continues exactly. Each rank takes whole groups."""
     rank, world = rank_and_world()
     orders, batch = {}, []
     for pos in range((step - 1) * cfg.batch_size, step * cfg.batch_size):
@@ -1062,8 +1060,10 @@ def optimizer_and_resume(cfg, model):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     if not cfg.resume:
         return optimizer, scheduler, 1, 0
-    # on the CPU: AdamW's state moves to its parameters' device as it loads, never all to GPU 0
-    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    # mapped from the file to the CPU: AdamW's state moves to its parameters' device as it loads,
+    # never all to GPU 0, and no rank reads the whole state into memory
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True,
+                       weights_only=False)
     changed = [k for k, v in state["config"].items()
                if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
     if changed and rank == 0:
