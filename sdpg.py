@@ -17,9 +17,8 @@ Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
     torchrun --nproc_per_node=8 sdpg.py
 
-The file reads in the order of Algorithm 1: data and prompts (x, c), rollouts, the verifier,
-group advantages and the gate, the loss terms (one function per equation), the fused
-full-vocabulary head, the update, and the training loop.
+It reads in the order of Algorithm 1: prompts (x, c), rollouts, verifier, advantages and gate, the
+loss (one function per equation), the fused full-vocabulary head, the update, the training loop.
 """
 import argparse
 import collections
@@ -34,7 +33,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
@@ -43,10 +41,10 @@ from tqdm import tqdm
 
 
 def opt(default, help):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # model and data
     model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
@@ -104,15 +102,10 @@ def first_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-# --- Helpers: autocast and torch.compile on CUDA; ranks (a plain `python sdpg.py` has no torch.distributed)
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
+# --- Helpers: timing, torch.compile on CUDA, ranks (a plain `python sdpg.py` has no torch.distributed) ------
 @contextlib.contextmanager
 def timed(timings, key, device):
-    """Adds the seconds spent in the block to timings[key]. On CUDA the clock is read after a
-    synchronisation (one per phase), so that the time is the phase's and not the queue's."""
+    """Adds the block's seconds to timings[key], on CUDA after a synchronisation: the phase's time."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     sync()
     t0 = time.perf_counter()
@@ -125,9 +118,8 @@ COMPILES = collections.Counter()  # graphs compiled per function in this process
 
 
 def cuda_compiled(fn, devices=("cuda",), **options):
-    """fn through torch.compile when its first tensor argument is on CUDA, else eagerly. Where
-    compiling fails (no Triton, an old GPU, ...) one notice line says why, and fn runs eagerly.
-    `call.compiled_ran` says whether the compiled fn has run (the head sizes its chunks by it)."""
+    """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU)
+    one notice says why, and fn runs eagerly. call.compiled_ran: the compiled fn has run."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -161,15 +153,6 @@ def all_sum(t):
     if distributed():
         dist.all_reduce(t)
     return t
-
-
-def all_reduce_grads(params):
-    """Sum gradients over ranks. The loss is already divided by the global token count, so the
-    sum is the gradient of the global token-mean, equal to one process on the whole batch."""
-    for p in params if distributed() else ():
-        if p.grad is None:  # a parameter unused on this rank still takes part in the sum
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
 
 
 # --- Data: problems x with privileged context c, and the prompts of Figure 4 --------------------------------
@@ -208,9 +191,8 @@ def load_problems(task, split):
             rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
         except Exception as e:  # no `datasets`, no network, ...
             raise UserError(f"cannot load openai/gsm8k ({split}): {first_line(e)}") from None
-        # the reference solution without its <<48/2=24>> calculator annotations
-        rows = [dict(question=r["question"], answer=r["answer"].rsplit("####", 1)[-1].strip(),
-                     context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
+        # the context: the reference solution without its '#### N' and <<48/2=24>> annotations
+        rows = [dict(r, context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
                 for r in rows]
     elif not task.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
@@ -341,9 +323,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 @torch.no_grad()
 def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len):
-    """(B, prompt) ids -> (B, N) tokens, left-padded to prompt_len: one prefill into a static KV
-    cache, then one decode step per token. Rows from `live` on are stopped from the start: they
-    only keep the shape fixed."""
+    """(B, prompt) ids, left-padded to prompt_len -> (B, N) tokens: one prefill into a static KV
+    cache, one decode step per token. Rows from `live` on only keep the shape: stopped from the start."""
     from transformers import StaticCache
     device = next(model.parameters()).device
     B, P, N = len(prompts), prompt_len, cfg.max_response_tokens
@@ -364,7 +345,7 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
     cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
                    else "past_key_values": caches[B, L]}
-    with autocast(device):
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         try:
             logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, **cache_kwarg,
                            cache_position=slots[:P], logits_to_keep=1).logits             # (B, 1, V)
@@ -388,9 +369,8 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
 
 @torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
-    """Responses (token lists, stop token included) and truncation flags. prompt_len, the longest
-    prompt of the set, fixes the shape of every call on that set. Rows go in equal calls where
-    their KV cache and fp32 logits would pass --sample-memory-mb, the last filled up."""
+    """Responses (stop token included) and truncation flags, in calls of one shape for the set
+    (prompt_len: its longest prompt), as many rows as --sample-memory-mb holds, the last filled up."""
     model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
     c, element = model.config, next(model.parameters()).element_size()
     prompt_len = prompt_len or max(map(len, prompts), default=0)
@@ -412,8 +392,7 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample",
 
 
 def sampling_policy(model):
-    """On CUDA a bf16 copy of the policy, refreshed in place after each update (so the captured
-    CUDA graphs stay valid); on the CPU the policy itself."""
+    """On CUDA a bf16 copy of the policy, refreshed in place after each update; else the policy."""
     if not next(model.parameters()).is_cuda:
         return model
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
@@ -637,10 +616,9 @@ def fp32_logits(hidden, weight):
 
 
 def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
-    """(start, end) row ranges whose (chunk x V) buffers fit memory_mb, sized before each chunk:
-    once the compiled kernels have run, the fp32 student and teacher logits and the bf16 gradient
-    (10 bytes a row and vocabulary entry); before that, eagerly and after a failed compile, about
-    eight fp32 temporaries (32 bytes). chunk_size fixes the rows instead."""
+    """(start, end) rows whose (chunk x V) buffers fit memory_mb, for the path that runs: compiled,
+    the fp32 student and teacher logits and the bf16 gradient (10 bytes a row and vocabulary entry);
+    eagerly (before the first compiled run, after a failed one) eight fp32 temporaries (32 bytes)."""
     start = 0
     while start < n:
         compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
@@ -650,9 +628,8 @@ def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
 
 
 class FusedSDPGHead(torch.autograd.Function):
-    """Forward computes, chunk by chunk over tokens, the loss and its gradients w.r.t. the
-    student hidden states and the lm_head weight; backward only scales them. Per chunk: four
-    GEMMs (student logits, teacher logits, dX, dW) and at most chunk x V of logits."""
+    """Forward computes, chunk by chunk, the loss and its gradients w.r.t. the student states and
+    the lm_head weight (four GEMMs: student and teacher logits, dX, dW); backward only scales them."""
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
@@ -666,12 +643,14 @@ class FusedSDPGHead(torch.autograd.Function):
         loss = torch.zeros((), dtype=fdt, device=w.device)
         stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
         scale = 1.0 / (n_tokens * hp["temperature"])                     # token mean; z = hW / T
-        distil_rows = (kl_weight != 0).cpu() if teacher_hidden is not None else None  # one sync
+        n_teacher = 0 if teacher_hidden is None else len(teacher_hidden)
         for s, e in head_chunks(n, weight.shape[0], hp["memory_mb"], hp["chunk_size"]):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
             student_logits = fp32_logits(h, w)                            # (c, V)  GEMM 1
-            distil = distil_rows is not None and bool(distil_rows[s:e].any())
-            teacher_logits = fp32_logits(teacher_hidden[s:e].to(dtype), w) if distil else None  # GEMM 2
+            teacher_logits = None  # past the teacher's rows, whose kl_weight is 0
+            if s < n_teacher:  # a chunk across the end: zero states (q uniform) for the rest
+                t = torch.nn.functional.pad(teacher_hidden[s:e], (0, 0, 0, e - min(e, n_teacher)))
+                teacher_logits = fp32_logits(t.to(dtype), w)              # (c, V)  GEMM 2
             tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
                 student_logits, teacher_logits, y, hp["temperature"])     # (c,) each
             # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
@@ -713,8 +692,8 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
     """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by
     n_tokens (the global response-token count, so micro-batches and ranks add up exactly).
 
-    student_hidden (N, H) final-norm hidden states with grad; teacher_hidden (N, H) or None (no
-    distillation); weight (V, H) lm_head weight (tied or not); tokens (N,) sampled ids;
+    student_hidden (N, H) final-norm hidden states with grad; teacher_hidden (N_t, H), those of
+    the first N_t rows (kl_weight is 0 past them), or None; weight (V, H) lm_head; tokens (N,);
     advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
     (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
     Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
@@ -735,7 +714,7 @@ def response_hidden(model, prompts, responses, pad_id):
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     rows = torch.cat([i * width + torch.arange(len(p) - 1, len(p) - 1 + len(r))
                       for i, (p, r) in enumerate(zip(prompts, responses))]).to(device)  # (N,)
-    with autocast(device):
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # bf16 GEMMs, fp32 weights
         hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[rows]                                   # (N, H)
 
@@ -752,7 +731,7 @@ def micro_batches(samples, token_budget):
     return batches + [current] if current else batches
 
 
-@dataclass
+@dataclasses.dataclass
 class Rollouts:
     """One step's samples, in group order: per sample on the CPU, per token on the model's device."""
     student_ids: list                  # prompt x
@@ -788,55 +767,54 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     weight = model.get_output_embeddings().weight
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
-    sums = collections.defaultdict(float)
+    sums, r = collections.defaultdict(float), rollouts
     model.train()
-    # the same number of optimizer steps on every rank
-    for minibatch in torch.tensor_split(torch.arange(len(rollouts.response_ids)), cfg.ppo_minibatches):
-        minibatch = minibatch.tolist()
-        lengths = [len(rollouts.response_ids[i]) for i in minibatch]
-        n_tokens = all_sum(torch.tensor(float(sum(lengths)), device=device)).item()
+    # the same number of optimizer steps on every rank; distilled samples (beta(k) m_i != 0) first,
+    # so that the teacher runs on them alone and the head's teacher GEMM stops past them
+    for minibatch in torch.tensor_split(torch.arange(len(r.response_ids)), cfg.ppo_minibatches):
+        minibatch = sorted(minibatch.tolist(), key=lambda i: bool(r.kl_weight[i] == 0))
+        n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
+        n_tokens = all_sum(torch.tensor(float(n_tokens), device=device)).item()  # over all ranks
         loss_sum = torch.zeros((), device=device)
-        for mb in micro_batches([len(rollouts.student_ids[i]) + lengths[k] for k, i in enumerate(minibatch)],
-                                cfg.micro_batch_tokens):
-            # distilled samples (beta(k) m_i != 0) first: the teacher runs on them alone, and the
-            # head's teacher GEMM stops at the first chunk past them
-            idx = sorted((minibatch[k] for k in mb), key=lambda i: bool(rollouts.kl_weight[i] == 0))
-            resp = [rollouts.response_ids[i] for i in idx]
-            lens = torch.tensor([len(r) for r in resp])                            # (b,)
+        lengths = [len(r.student_ids[i]) + len(r.response_ids[i]) for i in minibatch]
+        for mb in micro_batches(lengths, cfg.micro_batch_tokens):
+            idx = [minibatch[k] for k in mb]
+            take = lambda per_sample: [per_sample[i] for i in idx]
+            resp, gated = take(r.response_ids), [i for i in idx if r.kl_weight[i] != 0]
             tokens = torch.tensor(sum(resp, []), device=device)                    # (n,)
+            lens = torch.tensor([len(y) for y in resp])                            # (b,)
             # the per-sample CPU vectors become per-token tensors, and cross to the device once
-            adv = torch.repeat_interleave(rollouts.advantages[idx], lens).to(device)   # (n,)
-            kl_w = torch.repeat_interleave(rollouts.kl_weight[idx], lens).to(device)   # (n,)
-            gated = [i for i in idx if rollouts.kl_weight[i] != 0]
+            adv = torch.repeat_interleave(r.advantages[idx], lens).to(device)      # (n,)
+            kl_w = torch.repeat_interleave(r.kl_weight[idx], lens).to(device)      # (n,)
             teacher = None
             if gated:
                 with timed(sums, "teacher_s", device), torch.no_grad():
-                    teacher = response_hidden(model, [rollouts.teacher_ids[i] for i in gated],
-                                              [rollouts.response_ids[i] for i in gated], pad_id)  # (n_g, H)
-                # (n, H): the rows of undistilled samples are zeros the head never reads
-                teacher = torch.nn.functional.pad(teacher, (0, 0, 0, len(tokens) - len(teacher)))
-                sums["teacher_tokens"] += sum(len(rollouts.response_ids[i]) for i in gated)
-            ref = torch.cat([rollouts.ref_logp[i] for i in idx]).to(device) if rollouts.ref_logp else None
-            old = torch.cat([rollouts.old_logp[i] for i in idx]).to(device) if rollouts.old_logp else None
-            student = response_hidden(model, [rollouts.student_ids[i] for i in idx], resp, pad_id)  # (n, H)
+                    teacher = response_hidden(model, [r.teacher_ids[i] for i in gated], resp[:len(gated)],
+                                              pad_id)                              # (n_g, H)
+                sums["teacher_tokens"] += len(teacher)
+            ref = torch.cat(take(r.ref_logp)).to(device) if r.ref_logp else None   # (n,)
+            old = torch.cat(take(r.old_logp)).to(device) if r.old_logp else None   # (n,)
+            student = response_hidden(model, take(r.student_ids), resp, pad_id)    # (n, H)
             loss, stats = sdpg_head_loss(
                 student, teacher, weight, tokens, adv, kl_w, old, ref, n_tokens, alpha=cfg.alpha,
                 kl_mode=cfg.kl_mode, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip_c=cfg.clip_c,
                 temperature=cfg.temperature, memory_mb=cfg.head_memory_mb, matmul_dtype=dtype)
             loss.backward()
             loss_sum += loss.detach()
-            logp, kl, entropy = stats.float()                                   # (n,) each
-            log_rho = logp - old if old is not None else torch.zeros_like(logp)   # (n,)
-            rho = log_rho.exp()                                                 # (n,)
-            distilled = kl_w != 0                                               # (n,)
+            logp, kl, entropy = stats.float()                                      # (n,) each
+            log_rho = logp - old if old is not None else torch.zeros_like(logp)    # (n,)
+            rho, distilled = log_rho.exp(), kl_w != 0                              # (n,) each
             clipped = ((adv > 0) & (rho > 1 + cfg.eps_high)) | ((adv < 0) & (rho < 1 - cfg.eps_low))
             ref_kl = ref_kl_penalty(logp, ref, cfg.kl_mode) if ref is not None else torch.zeros_like(logp)
-            totals = torch.stack([entropy.sum(), (kl * distilled).sum(), distilled.sum(), ref_kl.sum(),
-                                  (rho - 1 - log_rho).sum(), clipped.sum()]).tolist()  # one sync
-            for key, value in zip(("entropy", "kl", "kl_tokens", "ref_kl", "approx_kl", "clipped"), totals):
+            totals = dict(entropy=entropy, kl=kl * distilled, kl_tokens=distilled, ref_kl=ref_kl,
+                          approx_kl=rho - 1 - log_rho, clipped=clipped, tokens=torch.ones_like(logp))
+            for key, value in zip(totals, torch.stack([v.sum() for v in totals.values()]).tolist()):  # a sync
                 sums[key] += value
-            sums["tokens"] += len(tokens)
-        all_reduce_grads(params)
+        # the loss is divided by the global token count, so the sum over ranks is the gradient of the
+        # global token-mean: one process's update on the whole batch
+        for p in params if distributed() else ():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # unused on this rank: still summed
+            dist.all_reduce(p.grad)
         loss_total = all_sum(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
@@ -858,19 +836,6 @@ def load_pretrained(kind, path, **kwargs):
         return getattr(transformers, kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
-
-
-def make_optimizer(model, cfg):
-    """AdamW, fused on one GPU (no full-size foreach temporaries); under torchrun its state is
-    sharded over the ranks (ZeRO-1), each rank updating and broadcasting its share. ZeRO loads
-    AdamW's step counts onto the CPU, where the fused kernel cannot take them: foreach there."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                  fused=params[0].is_cuda and not distributed() or None)
-    if distributed():
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 def check_plain_head(model):
@@ -905,8 +870,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
 
 
 def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps):
-    """<out>/checkpoint-<step>, for AutoModelForCausalLM and --resume; written under another name,
-    then renamed, so that a crash mid-save never spoils the last good checkpoint."""
+    """<out>/checkpoint-<step> for AutoModelForCausalLM and --resume, renamed into place when whole."""
     rank, world = rank_and_world()
     # this rank's GPU only: get_rng_state_all would open a CUDA context on every GPU in every rank
     rngs = [dict(python=random.getstate(), torch=torch.get_rng_state(),
@@ -959,8 +923,7 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
 
 
 def step_prompts(problems, step, cfg):
-    """Step k's prompts (1-based), from a seeded permutation per epoch: a function of the step, so
-    a resumed run continues exactly. Each rank takes whole groups."""
+    """Step k's prompts (a seeded permutation per epoch: a resumed run continues exactly), by rank."""
     rank, world = rank_and_world()
     orders, batch = {}, []
     for pos in range((step - 1) * cfg.batch_size, step * cfg.batch_size):
@@ -999,7 +962,7 @@ def check_flags(cfg, world):
         raise UserError("--device cuda, but no CUDA device is available")
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What the training loop works with, loaded once by load_run."""
     tokenizer: object
@@ -1013,8 +976,7 @@ class Run:
 
 
 def load_run(cfg):
-    """Everything the loop works with, checked before anything is written. The reference is the
-    initial policy, also on resume."""
+    """Everything the loop works with, checked before anything is written."""
     rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
@@ -1052,10 +1014,19 @@ def load_run(cfg):
 
 
 def optimizer_and_resume(cfg, model):
-    """AdamW and its linear warmup; with --resume, their state, the step, the count of bad steps
-    and every random stream."""
+    """AdamW and its warmup; with --resume their state, the step, the bad steps and every RNG. Under
+    torchrun the AdamW state is sharded (ZeRO-1): each rank updates and broadcasts its share."""
     rank, _ = rank_and_world()
-    optimizer = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
+    # where the fused kernel cannot take them
+    kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                  fused=params[0].is_cuda and not distributed() or None)
+    if distributed():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
     warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup))  # linear, then constant
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     if not cfg.resume:
@@ -1106,13 +1077,14 @@ def train(cfg):
     model, pad_id, G, device = run.model, run.tokenizer.pad_token_id, cfg.group_size, run.model.device
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
     log = open_metrics(cfg, start)
+    evaluation = lambda: evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids)
     if start == 1 and run.eval_sets:  # the starting point: step 0
-        log(dict(step=0, **evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids)))
+        log(dict(step=0, **evaluation()))
     # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
     beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
-    bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", disable=rank != 0, initial=start - 1,
-               total=cfg.total_steps)
+    bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", total=cfg.total_steps, initial=start - 1,
+               disable=rank != 0)
     for step in bar:
         timings, t_step, lr = {}, time.perf_counter(), scheduler.get_last_lr()[0]
         if device.type == "cuda":
@@ -1165,10 +1137,10 @@ def train(cfg):
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             with timed(row, "eval_s", device):
-                row.update(evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids))
+                row.update(evaluation())
         log(row)
-        show = lambda key, fmt: "-" if row[key] is None else format(row[key], fmt)
-        bar.set_postfix(reward=show("reward", ".3f"), kl=show("opd_kl", ".3g"), acc=show("accuracy", ".3f"))
+        shown = {k: "-" if row[k] is None else f"{row[k]:.3g}" for k in ("reward", "opd_kl", "accuracy")}
+        bar.set_postfix(shown)
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, run.tokenizer, optimizer, scheduler, bad_steps)
     return model

@@ -273,6 +273,16 @@ def test_gate_zero_removes_kl_term():
     lc.backward()
     assert torch.equal(la, lb) and torch.allclose(a.grad, b.grad)
     assert not torch.allclose(a.grad, c.grad)  # an open gate does change the gradient
+    # the teacher's states of the first 6 rows only (weight 0 past them; a chunk crosses row 6)
+    prefix = torch.where(torch.arange(13) < 6, kl_w, 0.0)
+    grads = []
+    for teacher in (ht[:6], ht):
+        d = hs.clone().requires_grad_()
+        loss, _ = sdpg.sdpg_head_loss(d, teacher, w, tokens, adv, prefix, old, ref, 13.0, **kw)
+        loss.backward()
+        grads.append((loss, d.grad))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert not torch.allclose(grads[0][1], a.grad)  # the first rows are distilled
 
 
 def test_fused_head_untied_and_tied_weights_reach_the_parameter():
@@ -1171,7 +1181,7 @@ def zero_worker(rank, world, store, model_dir, out_dir):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
         cfg = sdpg.Config(micro_batch_tokens=1, alpha=0.1, ppo_minibatches=2, lr=1e-2, out_dir=out_dir)
-        optimizer = sdpg.make_optimizer(model, cfg)
+        optimizer = sdpg.optimizer_and_resume(cfg, model)[0]
         assert type(optimizer).__name__ == "ZeroRedundancyOptimizer"
         full = injected_rollouts(model_dir)
         idx = [rank * 2, rank * 2 + 4, rank * 2 + 1, rank * 2 + 5]  # mini-batches {0,4,2,6}, {1,5,3,7}
@@ -1200,7 +1210,7 @@ def test_zero1_adamw_equals_single_process_and_checkpoints(tiny, tmp_path):
     pick = lambda xs: [xs[i] for i in order]
     rollouts = sdpg.Rollouts(pick(full.student_ids), pick(full.teacher_ids), pick(full.response_ids),
                              full.advantages[order], full.kl_weight[order], ref_logp=pick(full.ref_logp))
-    optimizer = sdpg.make_optimizer(model, cfg)
+    optimizer = sdpg.optimizer_and_resume(cfg, model)[0]
     sdpg.update_policy(model, optimizer, rollouts, cfg, 0)
     mp.spawn(zero_worker, args=(2, str(tmp_path / "store"), tiny["model"], str(tmp_path)), nprocs=2)
     live = torch.load(tmp_path / "live.pt")
