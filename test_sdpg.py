@@ -1448,17 +1448,19 @@ def release():
 
 
 def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
-    """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens), SDPG and then
-    plain GRPO (--beta 0 --alpha 0), on the saved random model: the phases of steps 2 and 3."""
+    """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens): SDPG, plain GRPO
+    (--beta 0 --alpha 0) and Table 1's GRPO command, on the saved random model: the phases of steps
+    2 and 3, and the KL penalty of step 1 (0 exactly while pi_old = pi_ref)."""
     import shutil
     fields = dict(sample_s=".2f", verify_s=".2f", ref_s=".2f", teacher_s=".2f", update_s=".2f", step_s=".2f",
-                  peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f")
+                  peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f", kl_penalty=".2e")
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
             "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
             "--total-steps", "3"]
     print("\nrandom weights: rewards ~0, so at the default flags (gate on) the teacher sees few samples")
     step_s = {}
-    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"])):
+    table1 = ["--beta", "0", "--alpha", "0", "--kl-reward", "1e-3", "--eps-high", "0.2", "--clip-c", "1000"]
+    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"]), ("table1-grpo", table1)):
         out = os.path.join(root, name)
         default = sdpg.Config()
         print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
@@ -1467,6 +1469,8 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
         try:
             sdpg.main(args + extra + ["--out-dir", out])
             rows = [r for r in read_metrics(out) if r["step"] in steps]
+            first = [r for r in read_metrics(out) if r["step"] == 1][0]
+            print(f"step 1: kl_penalty {first['kl_penalty']}, ref_kl {first['ref_kl']}")
         except (Exception, SystemExit) as e:
             print(f"{name} failed: {type(e).__name__}: {str(e).strip()[:300]}", flush=True)
             continue
@@ -1479,7 +1483,7 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
                                                 for f, fmt in fields.items())
                   + f" {r['sample_s'] / r['step_s']:>15.1%}", flush=True)
         step_s[name] = sum(r["step_s"] for r in rows) / max(1, len(rows))
-    if len(step_s) == 2:
+    if {"sdpg", "grpo"} <= set(step_s):
         print(f"\nSDPG step_s / GRPO (beta 0, alpha 0) step_s, mean of steps {steps}: "
               f"{step_s['sdpg'] / step_s['grpo']:.2f}")
     return step_s
