@@ -6,12 +6,9 @@ solution), is a dense full-vocabulary teacher for its own rollouts:
 
     L = L_out + beta(k) * L_OPD^+ + alpha * L_K(pi_theta, pi_ref)                    (Eq. 3.1)
 
-One GPU (Qwen2.5-0.5B on GSM8K, the default):
+One GPU (Qwen2.5-0.5B on GSM8K), plain GRPO on the same code path, a local model and data on the CPU:
     python sdpg.py
-    python sdpg.py --model Qwen2.5-1.5B --task gsm8k --out-dir out/1.5b
-Plain GRPO with the same code path (no teacher forward, no reference model):
     python sdpg.py --beta 0 --alpha 0
-A local model and data file, on the CPU:
     python sdpg.py --model ./my-model --task ./problems.jsonl --device cpu
 Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
@@ -149,7 +146,6 @@ def rank_and_world():
 
 
 def all_sum(t):
-    """Sum a tensor over ranks in place (identity on one process)."""
     if distributed():
         dist.all_reduce(t)
     return t
@@ -367,7 +363,6 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     return out.tolist()
 
 
-@torch.no_grad()
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
     """Responses (stop token included) and truncation flags, in calls of one shape for the set
     (prompt_len: its longest prompt), as many rows as --sample-memory-mb holds, the last filled up."""
@@ -377,18 +372,15 @@ def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample",
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
     kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * (prompt_len + cfg.max_response_tokens + 16)
-    rows = max(1, int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size))
-    rows = min(rows, len(prompts))
-    responses, truncated = [], []
+    budget = int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size)
+    rows = max(1, min(budget, len(prompts)))  # rows per call; an empty set makes no call
+    cut = []                                  # (response, truncated) per prompt
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
         chunk = prompts[i: i + rows]
         filled = chunk + chunk[:1] * (rows - len(chunk))
-        rows_out = decode_rows(model, filled, len(chunk), cfg, pad_id, stop_ids, greedy, prompt_len)
-        for row in rows_out[:len(chunk)]:
-            tokens, cut = cut_at_stop(row, stop_ids)
-            responses.append(tokens)
-            truncated.append(cut)
-    return responses, truncated
+        out = decode_rows(model, filled, len(chunk), cfg, pad_id, stop_ids, greedy, prompt_len)
+        cut += [cut_at_stop(row, stop_ids) for row in out[:len(chunk)]]
+    return [tokens for tokens, _ in cut], [truncated for _, truncated in cut]
 
 
 def sampling_policy(model):
@@ -404,7 +396,6 @@ def sampling_policy(model):
 
 
 def use_decode_attention(model):
-    """Register decode_attention (with transformers' SDPA masks) and switch the model to it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register("sdpg_decode", decode_attention)
@@ -638,8 +629,7 @@ class FusedSDPGHead(torch.autograd.Function):
         fdt = torch.promote_types(dtype, torch.float32)
         w = weight.to(dtype)                                              # (V, H)
         grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=w.device)  # (N, H)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                  device=w.device)                        # (V, H) fp32 sum
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))  # fp32
         loss = torch.zeros((), dtype=fdt, device=w.device)
         stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
         scale = 1.0 / (n_tokens * hp["temperature"])                     # token mean; z = hW / T
@@ -655,14 +645,14 @@ class FusedSDPGHead(torch.autograd.Function):
                 student_logits, teacher_logits, y, hp["temperature"])     # (c,) each
             # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
             # vector, so the head runs the very functions of the equations above
-            old = None if old_logp is None else old_logp[s:e]
+            old = tok_logp if old_logp is None else old_logp[s:e]        # on-policy: rho = 1
             with torch.enable_grad():
                 x = tok_logp.detach().requires_grad_()
                 tok_loss = sampled_token_loss(x, old, None if ref_logp is None else ref_logp[s:e],
                                               advantages[s:e], hp["alpha"], hp["kl_mode"],
                                               hp["eps_low"], hp["eps_high"], hp["clip_c"])
                 (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
-            rho = 1.0 if old is None else importance_ratio(tok_logp, old)  # SG[rho] (c,)
+            rho = importance_ratio(tok_logp, old)                         # SG[rho] (c,)
             kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
@@ -675,15 +665,13 @@ class FusedSDPGHead(torch.autograd.Function):
                 grad_weight += dz.T @ h                                   # (V, H)  GEMM 4
             stats[:, s:e] = torch.stack([tok_logp, kl, entropy])
             del student_logits, teacher_logits, dz
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = (student_hidden.dtype, weight.dtype)
+        ctx.save_for_backward(grad_hidden.to(student_hidden.dtype), grad_weight.to(weight.dtype))
         return loss / n_tokens, stats
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return ((grad_hidden * grad_loss).to(ctx.dtypes[0]), None,
-                (grad_weight * grad_loss).to(ctx.dtypes[1])) + (None,) * 8
+        return grad_hidden * grad_loss, None, grad_weight * grad_loss, *(None,) * 8
 
 
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -791,7 +779,6 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
                 with timed(sums, "teacher_s", device), torch.no_grad():
                     teacher = response_hidden(model, [r.teacher_ids[i] for i in gated], resp[:len(gated)],
                                               pad_id)                              # (n_g, H)
-                sums["teacher_tokens"] += len(teacher)
             ref = torch.cat(take(r.ref_logp)).to(device) if r.ref_logp else None   # (n,)
             old = torch.cat(take(r.old_logp)).to(device) if r.old_logp else None   # (n,)
             student = response_hidden(model, take(r.student_ids), resp, pad_id)    # (n, H)
@@ -806,15 +793,14 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             rho, distilled = log_rho.exp(), kl_w != 0                              # (n,) each
             clipped = ((adv > 0) & (rho > 1 + cfg.eps_high)) | ((adv < 0) & (rho < 1 - cfg.eps_low))
             ref_kl = ref_kl_penalty(logp, ref, cfg.kl_mode) if ref is not None else torch.zeros_like(logp)
-            totals = dict(entropy=entropy, kl=kl * distilled, kl_tokens=distilled, ref_kl=ref_kl,
+            totals = dict(entropy=entropy, kl=kl * distilled, teacher_tokens=distilled, ref_kl=ref_kl,
                           approx_kl=rho - 1 - log_rho, clipped=clipped, tokens=torch.ones_like(logp))
             for key, value in zip(totals, torch.stack([v.sum() for v in totals.values()]).tolist()):  # a sync
                 sums[key] += value
         # the loss is divided by the global token count, so the sum over ranks is the gradient of the
         # global token-mean: one process's update on the whole batch
-        for p in params if distributed() else ():
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # unused on this rank: still summed
-            dist.all_reduce(p.grad)
+        for p in params if distributed() else ():  # a parameter unused on this rank is still summed
+            p.grad = all_sum(torch.zeros_like(p) if p.grad is None else p.grad)
         loss_total = all_sum(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
@@ -830,7 +816,6 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
 
 # --- Model loading, evaluation and checkpoints --------------------------------------------------------------
 def load_pretrained(kind, path, **kwargs):
-    """transformers' AutoModelForCausalLM or AutoTokenizer; a failure is one error line."""
     import transformers
     try:
         return getattr(transformers, kind).from_pretrained(path, **kwargs)
@@ -848,7 +833,6 @@ def check_plain_head(model):
             raise UserError(f"this model's logits are not h @ W.T ({reason}); the fused head cannot train it")
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
     """accuracy/<set> for each set, greedy pass@1 (or mean@k at --temperature with --eval-samples
     k), sharded over ranks and summed; accuracy is their mean. Prints a few responses on rank 0."""
@@ -858,7 +842,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
         mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
         longest = max(len(p["student_ids"]) for p in problems)  # one shape for the set, whatever the rank
         responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                                stop_ids, cfg.eval_samples == 1, "eval", longest) if mine else ([], [])
+                                stop_ids, cfg.eval_samples == 1, "eval", longest)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
         totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
@@ -896,8 +880,8 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
 def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
-    local = {k: sums[k] for k in ("tokens", "kl", "kl_tokens", "ref_kl", "entropy", "clipped", "approx_kl",
-                                  "teacher_tokens", "skipped", "kl_penalty")}
+    local = {k: sums[k] for k in ("tokens", "kl", "teacher_tokens", "ref_kl", "entropy", "clipped",
+                                  "approx_kl", "skipped", "kl_penalty")}
     local.update(reward=rewards.sum().item(), samples=len(rewards), groups=len(groups),
                  flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
                  gated=gate.sum().item(), truncated=sum(truncated))
@@ -909,7 +893,7 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
     steps = max(1.0, sums["steps"])
     return dict(reward=t["reward"] / t["samples"], zero_spread_frac=t["flat_groups"] / t["groups"],
                 gate_ratio=t["gated"] / t["samples"],
-                opd_kl=t["kl"] / t["kl_tokens"] if t["kl_tokens"] else None,
+                opd_kl=t["kl"] / t["teacher_tokens"] if t["teacher_tokens"] else None,
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
                 kl_penalty=t["kl_penalty"] / t["samples"] if cfg.kl_reward else None,
                 clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
@@ -962,21 +946,9 @@ def check_flags(cfg, world):
         raise UserError("--device cuda, but no CUDA device is available")
 
 
-@dataclasses.dataclass
-class Run:
-    """What the training loop works with, loaded once by load_run."""
-    tokenizer: object
-    train_set: list                    # problems with student_ids and teacher_ids
-    eval_sets: dict                    # set name ('gsm8k', or the file's name) -> problems
-    model: torch.nn.Module             # pi_theta, fp32
-    ref_model: torch.nn.Module         # pi_ref, frozen, or None where no term uses it
-    sampler: torch.nn.Module           # the policy on the CPU, its bf16 copy on CUDA
-    stop_ids: list
-    prompt_len: int                    # the longest student prompt of the training set
-
-
 def load_run(cfg):
-    """Everything the loop works with, checked before anything is written."""
+    """(tokenizer, training problems, evaluation sets by name, pi_theta in fp32, frozen pi_ref or None
+    where no term uses it), all checked before anything is written."""
     rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
@@ -1009,8 +981,7 @@ def load_run(cfg):
         ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
         ref_model = load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
         ref_model.requires_grad_(False)
-    return Run(tokenizer, train_set, eval_sets, model, ref_model, sampling_policy(model),
-               stop_token_ids(tokenizer, model), max(len(p["student_ids"]) for p in train_set))
+    return tokenizer, train_set, eval_sets, model, ref_model
 
 
 def optimizer_and_resume(cfg, model):
@@ -1073,12 +1044,14 @@ def open_metrics(cfg, start):
 def train(cfg):
     rank, world = rank_and_world()
     check_flags(cfg, world)
-    run = load_run(cfg)
-    model, pad_id, G, device = run.model, run.tokenizer.pad_token_id, cfg.group_size, run.model.device
+    tokenizer, train_set, eval_sets, model, ref_model = load_run(cfg)
+    sampler, stop_ids = sampling_policy(model), stop_token_ids(tokenizer, model)  # sampler: bf16 on CUDA
+    pad_id, G, device = tokenizer.pad_token_id, cfg.group_size, model.device
+    prompt_len = max(len(p["student_ids"]) for p in train_set)  # every training call: one prompt width
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
     log = open_metrics(cfg, start)
-    evaluation = lambda: evaluate(run.sampler, run.tokenizer, run.eval_sets, cfg, run.stop_ids)
-    if start == 1 and run.eval_sets:  # the starting point: step 0
+    evaluation = lambda: evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
+    if start == 1 and eval_sets:  # the starting point: step 0
         log(dict(step=0, **evaluation()))
     # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
@@ -1091,12 +1064,12 @@ def train(cfg):
             torch.cuda.reset_peak_memory_stats()
         # 1. sample: G responses per prompt from pi_theta(.|x)                        (Alg. 1, l. 5)
         with timed(timings, "sample_s", device):
-            group = [p for p in step_prompts(run.train_set, step, cfg) for _ in range(G)]
-            responses, truncated = generate(run.sampler, [p["student_ids"] for p in group], cfg, pad_id,
-                                            run.stop_ids, prompt_len=run.prompt_len)
+            group = [p for p in step_prompts(train_set, step, cfg) for _ in range(G)]
+            responses, truncated = generate(sampler, [p["student_ids"] for p in group], cfg, pad_id,
+                                            stop_ids, prompt_len=prompt_len)
         # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
         with timed(timings, "verify_s", device):
-            texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
                                     for t, p in zip(texts, group)])                           # (S,)
         # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
@@ -1104,11 +1077,10 @@ def train(cfg):
         with timed(timings, "ref_s", device):
             rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
                                 responses)
-            if run.ref_model is not None:
-                rollouts.ref_logp = score_tokens(run.ref_model, rollouts, cfg, pad_id)
-            old_logp = None
-            if cfg.ppo_minibatches > 1 or cfg.kl_reward:
-                old_logp = score_tokens(model, rollouts, cfg, pad_id)
+            if ref_model is not None:
+                rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id)
+            scored = cfg.ppo_minibatches > 1 or cfg.kl_reward
+            old_logp = score_tokens(model, rollouts, cfg, pad_id) if scored else None
             rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
         # 4. per-sample, on the CPU: group advantages (Eq. 2.1) of R_i less the KL penalty where it
         # is on (a flat group then has A != 0, as in verl), the gate (Eq. 3.5), beta(k) (Sec. 3.5.2)
@@ -1122,8 +1094,8 @@ def train(cfg):
         with timed(timings, "update_s", device):
             sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
             scheduler.step()
-            if run.sampler is not model:  # the bf16 sampling copy, refreshed in place
-                run.sampler.load_state_dict(model.state_dict())
+            if sampler is not model:  # the bf16 sampling copy, refreshed in place
+                sampler.load_state_dict(model.state_dict())
         timings["teacher_s"] = sums["teacher_s"]
         timings["update_s"] -= sums["teacher_s"]
         bad_steps = bad_steps + 1 if sums["skipped"] else 0
@@ -1135,14 +1107,14 @@ def train(cfg):
         row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, device),
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
-        if run.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+        if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             with timed(row, "eval_s", device):
                 row.update(evaluation())
         log(row)
         shown = {k: "-" if row[k] is None else f"{row[k]:.3g}" for k in ("reward", "opd_kl", "accuracy")}
         bar.set_postfix(shown)
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
-            save_checkpoint(cfg, step, model, run.tokenizer, optimizer, scheduler, bad_steps)
+            save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
     return model
 
 
@@ -1150,11 +1122,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
     return Config(**vars(parser.parse_args(argv)))
 
 
