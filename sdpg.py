@@ -79,7 +79,7 @@ class Config:
     micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
     head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    ref_dtype: str = opt("auto", "reference dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
+    ref_dtype: str = opt("auto", "'auto' (bf16 on CUDA, fp32 on CPU or with --kl-reward), 'bf16' or 'fp32'")
     max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
     # evaluation, logging, checkpoints
     eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)")
@@ -973,8 +973,8 @@ def load_run(cfg):
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    # bf16 on CUDA, except for the KL in the reward: there pi_ref must compute as pi_old does, so
-    # that k1 is exactly 0 until the policy moves (in a flat group it alone sets A_i)
+    # pi_ref is the initial policy, also on resume: bf16 on CUDA, except for the KL in the reward,
+    # where it must compute as pi_old does, so that k1 is 0 until the policy moves (flat groups' A_i)
     ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda and not cfg.kl_reward
     ref_model = None
     if cfg.alpha > 0 or cfg.kl_reward:

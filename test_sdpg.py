@@ -496,6 +496,19 @@ def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
     sums = sdpg.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, 0)
     gated = [len(rollouts.response_ids[i]) for i in (0, 2, 7)]
     assert sorted(rows) == sorted(gated) and sums["teacher_tokens"] == sum(gated)
+    assert model.training  # left so by the update; pi_old is scored in eval mode (no dropout)
+    sdpg.score_tokens(model, rollouts, cfg, 0)
+    assert not model.training
+
+
+def test_phase_timings_synchronise_on_cuda_only(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    timings = {}
+    for device in ("cpu", "cuda", torch.device("cuda:0")):
+        with sdpg.timed(timings, "phase", device):
+            pass
+    assert len(syncs) == 4 and timings["phase"] >= 0  # before and after each CUDA phase, none on the CPU
 
 
 THREE_QUESTIONS = ("Tom has 3 pens.", "Go", "2+2?")
