@@ -770,17 +770,16 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
             take = lambda per_sample: [per_sample[i] for i in idx]
             resp, gated = take(r.response_ids), [i for i in idx if r.kl_weight[i] != 0]
             tokens = torch.tensor(sum(resp, []), device=device)                    # (n,)
-            lens = torch.tensor([len(y) for y in resp])                            # (b,)
-            # the per-sample CPU vectors become per-token tensors, and cross to the device once
-            adv = torch.repeat_interleave(r.advantages[idx], lens).to(device)      # (n,)
-            kl_w = torch.repeat_interleave(r.kl_weight[idx], lens).to(device)      # (n,)
+            # per-sample CPU values and per-token scores become (n,) tensors: the one crossing to the device
+            per_token = lambda xs: torch.cat([xs[i].expand(len(r.response_ids[i])) for i in idx]).to(device)
+            adv, kl_w = per_token(r.advantages), per_token(r.kl_weight)            # (n,) each
             teacher = None
             if gated:
                 with timed(sums, "teacher_s", device), torch.no_grad():
                     teacher = response_hidden(model, [r.teacher_ids[i] for i in gated], resp[:len(gated)],
                                               pad_id)                              # (n_g, H)
-            ref = torch.cat(take(r.ref_logp)).to(device) if r.ref_logp else None   # (n,)
-            old = torch.cat(take(r.old_logp)).to(device) if r.old_logp else None   # (n,)
+            ref = per_token(r.ref_logp) if r.ref_logp else None                    # (n,)
+            old = per_token(r.old_logp) if r.old_logp else None                    # (n,)
             student = response_hidden(model, take(r.student_ids), resp, pad_id)    # (n, H)
             loss, stats = sdpg_head_loss(
                 student, teacher, weight, tokens, adv, kl_w, old, ref, n_tokens, alpha=cfg.alpha,
