@@ -382,13 +382,17 @@ def test_head_chunks_are_sized_for_the_path_that_runs(monkeypatch):
 
     def broken(gm, example_inputs):
         raise RuntimeError("no Triton here")
-    for backend, bytes_per_entry in (("eager", 10), (broken, 32)):
-        for name in ("logit_stats", "logit_grad"):
-            fn = sdpg.cuda_compiled(getattr(sdpg, name), devices=("cpu",), backend=backend, dynamic=True)
-            monkeypatch.setattr(sdpg, "fused_" + name, fn)
-        hs, ht, w, tokens, adv, kl_w, old, ref = head_inputs(dtype=torch.float32)
-        sdpg.sdpg_head_loss(hs, ht, w, tokens, adv, kl_w, old, ref, 13.0, chunk_size=5)
-        assert rows() == 2**30 // (151936 * bytes_per_entry)
+    names = ("logit_stats", "logit_grad")
+    for name in names:
+        fn = sdpg.cuda_compiled(getattr(sdpg, name), devices=("cpu",), backend="eager", dynamic=True)
+        monkeypatch.setattr(sdpg, "fused_" + name, fn)
+    hs, ht, w, tokens, adv, kl_w, old, ref = head_inputs(dtype=torch.float32)
+    sdpg.sdpg_head_loss(hs, ht, w, tokens, adv, kl_w, old, ref, 13.0, chunk_size=5)
+    assert rows() == 2**30 // (151936 * 10)  # both compiled kernels have run
+    for name in names:  # the same functions, whose next compile fails
+        getattr(sdpg, "fused_" + name).compiled = torch.compile(getattr(sdpg, name), backend=broken)
+    sdpg.sdpg_head_loss(hs, ht, w, tokens, adv, kl_w, old, ref, 13.0, chunk_size=5)
+    assert rows() == 2**30 // (151936 * 32)
     assert [e - s for s, e in sdpg.head_chunks(13, 29, 1, chunk_size=5)] == [5, 5, 3]
     assert [e - s for s, e in sdpg.head_chunks(2, 10**9, 1)] == [1, 1]
 
