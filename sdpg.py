@@ -121,9 +121,8 @@ def cuda_compiled(fn, devices=("cuda",), **options):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             try:
-                out = call.compiled(*args)
-                call.compiled_ran = True
-                return out
+                call.compiled_ran = True  # cleared below where compiling fails
+                return call.compiled(*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a compiler error, not fn's: fn then runs eagerly for good
@@ -145,9 +144,9 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
-def all_sum(t):
+def all_reduce(t, op="SUM"):
     if distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
 
 
@@ -762,7 +761,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     for minibatch in torch.tensor_split(torch.arange(len(r.response_ids)), cfg.ppo_minibatches):
         minibatch = sorted(minibatch.tolist(), key=lambda i: bool(r.kl_weight[i] == 0))
         n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
-        n_tokens = all_sum(torch.tensor(float(n_tokens), device=device)).item()  # over all ranks
+        n_tokens = all_reduce(torch.tensor(float(n_tokens), device=device)).item()  # over all ranks
         loss_sum = torch.zeros((), device=device)
         lengths = [len(r.student_ids[i]) + len(r.response_ids[i]) for i in minibatch]
         for mb in micro_batches(lengths, cfg.micro_batch_tokens):
@@ -799,8 +798,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
         # the loss is divided by the global token count, so the sum over ranks is the gradient of the
         # global token-mean: one process's update on the whole batch
         for p in params if distributed() else ():  # a parameter unused on this rank is still summed
-            p.grad = all_sum(torch.zeros_like(p) if p.grad is None else p.grad)
-        loss_total = all_sum(loss_sum).item()
+            p.grad = all_reduce(torch.zeros_like(p) if p.grad is None else p.grad)
+        loss_total = all_reduce(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             optimizer.step()
@@ -844,7 +843,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
                                 stop_ids, cfg.eval_samples == 1, "eval", longest)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
-        totals = all_sum(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
+        totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
         scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
         for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
             tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
@@ -880,16 +879,14 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
     local = {k: sums[k] for k in ("tokens", "kl", "teacher_tokens", "ref_kl", "entropy", "clipped",
-                                  "approx_kl", "skipped", "kl_penalty")}
+                                  "approx_kl", "kl_penalty")}
     local.update(reward=rewards.sum().item(), samples=len(rewards), groups=len(groups),
                  flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
                  gated=gate.sum().item(), truncated=sum(truncated))
-    summed = all_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
+    summed = all_reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
     t = dict(zip(local, summed))  # by name: a key added anywhere cannot shift the others
-    longest = torch.tensor(float(max(map(len, responses))), device=device)
-    if distributed():
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    steps = max(1.0, sums["steps"])
+    longest = all_reduce(torch.tensor(float(max(map(len, responses))), device=device), "MAX")
+    steps = max(1.0, sums["steps"])  # loss, grad norm and update counts are the same on every rank
     return dict(reward=t["reward"] / t["samples"], zero_spread_frac=t["flat_groups"] / t["groups"],
                 gate_ratio=t["gated"] / t["samples"],
                 opd_kl=t["kl"] / t["teacher_tokens"] if t["teacher_tokens"] else None,
@@ -898,8 +895,8 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
                 clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
                 entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
                 response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
-                loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps, skipped_updates=t["skipped"],
-                teacher_tokens=t["teacher_tokens"], tokens=t["tokens"],
+                loss=sums["loss"] / steps, grad_norm=sums["grad_norm"] / steps,
+                skipped_updates=sums["skipped"], teacher_tokens=t["teacher_tokens"], tokens=t["tokens"],
                 peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
                 decode_compiles=COMPILES["decode_step"],  # this process's counts: they restart on resume
                 cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
@@ -907,15 +904,11 @@ def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
 
 def step_prompts(problems, step, cfg):
     """Step k's prompts (a seeded permutation per epoch: a resumed run continues exactly), by rank."""
-    rank, world = rank_and_world()
-    orders, batch = {}, []
-    for pos in range((step - 1) * cfg.batch_size, step * cfg.batch_size):
-        epoch, i = divmod(pos, len(problems))
-        if epoch not in orders:
-            seed = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            orders[epoch] = torch.randperm(len(problems), generator=seed)
-        batch.append(problems[orders[epoch][i]])
-    return batch[rank::world]
+    (rank, world), n = rank_and_world(), len(problems)
+    positions = range((step - 1) * cfg.batch_size, step * cfg.batch_size)
+    orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+              for epoch in {pos // n for pos in positions}}
+    return [problems[orders[pos // n][pos % n]] for pos in positions][rank::world]
 
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
@@ -1005,11 +998,6 @@ def optimizer_and_resume(cfg, model):
     # never all to GPU 0, and no rank reads the whole state into memory
     state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True,
                        weights_only=False)
-    changed = [k for k, v in state["config"].items()
-               if k not in ("resume", "out_dir") and getattr(cfg, k, None) != v]
-    if changed and rank == 0:
-        print(f"warning: resuming with flags that differ from the checkpoint's run: {', '.join(changed)}",
-              file=sys.stderr)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][rank]
@@ -1030,13 +1018,9 @@ def open_metrics(cfg, start):
     if cfg.resume and os.path.exists(path):
         with open(path) as f:
             earlier = [line for line in f if json.loads(line)["step"] < start]
-    with open(path, "w") as f:
-        f.writelines(earlier)
-
-    def write(row):
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    return write
+    f = open(path, "w", buffering=1)  # line-buffered: each row is on disk once written
+    f.writelines(earlier)
+    return lambda row: f.write(json.dumps(row) + "\n")
 
 
 # --- Training loop: Algorithm 1 -----------------------------------------------------------------------------
@@ -1076,8 +1060,7 @@ def train(cfg):
         with timed(timings, "ref_s", device):
             rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
                                 responses)
-            if ref_model is not None:
-                rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id)
+            rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id) if ref_model else None
             scored = cfg.ppo_minibatches > 1 or cfg.kl_reward
             old_logp = score_tokens(model, rollouts, cfg, pad_id) if scored else None
             rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
