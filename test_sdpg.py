@@ -1190,6 +1190,44 @@ def test_ddp_update_equals_single_process(tiny, tmp_path):
     assert rel(flat(one_update(tiny["model"], [0, 1, 4, 5])), flat(single)) > 0.1
 
 
+def step_inputs(ranks):
+    """One step's local sums and samples on each of `ranks` ranks: per-token and per-sample counts
+    differ by rank, while the update's loss, grad norm and update counts are global (the same)."""
+    out = []
+    for rank in ranks:
+        sums = dict(tokens=8.0 + rank, kl=0.5 * rank, teacher_tokens=2.0 + rank, ref_kl=0.1,
+                    entropy=3.0 + rank, clipped=rank, approx_kl=0.01, kl_penalty=0.0,
+                    loss=0.7, grad_norm=1.5, steps=1.0, skipped=1.0)
+        rewards, gate = torch.tensor([1.0, float(rank)]), torch.tensor([1.0, 0.0])
+        out.append((sums, rewards, gate, [[5] * (3 + 4 * rank), [5] * 5], [False, rank == 1]))
+    return out
+
+
+def metrics_worker(rank, world, store, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        cfg = sdpg.Config(group_size=2)
+        torch.save(sdpg.step_metrics(*step_inputs([0, 1])[rank], cfg, torch.device("cpu")), f"{out}{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_metrics_over_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(metrics_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"m{rank}") for rank in (0, 1)]
+    parts = step_inputs([0, 1])
+    summed = {k: v if k in ("loss", "grad_norm", "steps", "skipped") else sum(p[0][k] for p in parts)
+              for k, v in parts[0][0].items()}
+    (_, rewards, gate, responses, truncated), other = parts
+    single = sdpg.step_metrics(summed, torch.cat([rewards, other[1]]), torch.cat([gate, other[2]]),
+                               responses + other[3], truncated + other[4], sdpg.Config(group_size=2),
+                               torch.device("cpu"))
+    assert ranks[0] == ranks[1] == single
+    assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.75
+
+
 def zero_worker(rank, world, store, model_dir, out_dir):
     """Two AdamW steps with the optimizer state sharded over 2 ranks (ZeRO-1), then a checkpoint."""
     import torch.distributed as dist
