@@ -622,8 +622,8 @@ class FusedSDPGHead(torch.autograd.Function):
     the lm_head weight (four GEMMs: student and teacher logits, dX, dW); backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
-                old_logp, ref_logp, n_tokens, hp, matmul_dtype):
+    def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
+                ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size, matmul_dtype):
         n, dtype = student_hidden.shape[0], matmul_dtype or student_hidden.dtype
         fdt = torch.promote_types(dtype, torch.float32)
         w = weight.to(dtype)                                              # (V, H)
@@ -631,9 +631,9 @@ class FusedSDPGHead(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))  # fp32
         loss = torch.zeros((), dtype=fdt, device=w.device)
         stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
-        scale = 1.0 / (n_tokens * hp["temperature"])                     # token mean; z = hW / T
+        scale = 1.0 / (n_tokens * temperature)                           # token mean; z = hW / T
         n_teacher = 0 if teacher_hidden is None else len(teacher_hidden)
-        for s, e in head_chunks(n, weight.shape[0], hp["memory_mb"], hp["chunk_size"]):
+        for s, e in head_chunks(n, weight.shape[0], memory_mb, chunk_size):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
             student_logits = fp32_logits(h, w)                            # (c, V)  GEMM 1
             teacher_logits = None  # past the teacher's rows, whose kl_weight is 0
@@ -641,22 +641,20 @@ class FusedSDPGHead(torch.autograd.Function):
                 t = torch.nn.functional.pad(teacher_hidden[s:e], (0, 0, 0, e - min(e, n_teacher)))
                 teacher_logits = fp32_logits(t.to(dtype), w)              # (c, V)  GEMM 2
             tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
-                student_logits, teacher_logits, y, hp["temperature"])     # (c,) each
+                student_logits, teacher_logits, y, temperature)           # (c,) each
             # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
             # vector, so the head runs the very functions of the equations above
             old = tok_logp if old_logp is None else old_logp[s:e]        # on-policy: rho = 1
             with torch.enable_grad():
                 x = tok_logp.detach().requires_grad_()
-                tok_loss = sampled_token_loss(x, old, None if ref_logp is None else ref_logp[s:e],
-                                              advantages[s:e], hp["alpha"], hp["kl_mode"],
-                                              hp["eps_low"], hp["eps_high"], hp["clip_c"])
+                tok_loss = token_loss(x, old, None if ref_logp is None else ref_logp[s:e], advantages[s:e])
                 (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
             rho = importance_ratio(tok_logp, old)                         # SG[rho] (c,)
             kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
             dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
-                                  logp_coef.to(fdt) * scale, hp["temperature"], dtype)  # (c, V)
+                                  logp_coef.to(fdt) * scale, temperature, dtype)  # (c, V)
             grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
             if dz.is_cuda and dz.dtype != grad_weight.dtype:  # bf16 GEMM summing into fp32
                 torch.addmm(grad_weight, dz.T, h, out_dtype=grad_weight.dtype, out=grad_weight)  # GEMM 4
@@ -670,7 +668,7 @@ class FusedSDPGHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, None, grad_weight * grad_loss, *(None,) * 8
+        return grad_hidden * grad_loss, None, grad_weight * grad_loss, *(None,) * 11
 
 
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -684,10 +682,10 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
     advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
     (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
     Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
-    hp = dict(alpha=alpha, kl_mode=kl_mode, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
-              temperature=temperature, chunk_size=chunk_size, memory_mb=memory_mb)
+    token_loss = lambda *t: sampled_token_loss(*t, alpha, kl_mode, eps_low, eps_high, clip_c)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
-                               old_logp, ref_logp, n_tokens, hp, matmul_dtype)
+                               old_logp, ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size,
+                               matmul_dtype)
 
 
 # --- The update: hidden states (never logits), Eq. 3.1 over the batch, one token-mean, AdamW ------------
