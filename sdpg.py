@@ -13,9 +13,6 @@ One GPU (Qwen2.5-0.5B on GSM8K), plain GRPO on the same code path, a local model
 Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
     torchrun --nproc_per_node=8 sdpg.py
-
-It reads in the order of Algorithm 1: prompts (x, c), rollouts, verifier, advantages and gate, the
-loss (one function per equation), the fused full-vocabulary head, the update, the training loop.
 """
 import argparse
 import collections

@@ -1224,7 +1224,9 @@ def test_step_metrics_over_two_ranks_equal_one_process(tmp_path):
     single = sdpg.step_metrics(summed, torch.cat([rewards, other[1]]), torch.cat([gate, other[2]]),
                                responses + other[3], truncated + other[4], sdpg.Config(group_size=2),
                                torch.device("cpu"))
-    assert ranks[0] == ranks[1] == single
+    # the compile counters are this process's own, and earlier tests may have compiled in it
+    plain = lambda m: {k: v for k, v in m.items() if k not in ("decode_compiles", "cudagraph_skips")}
+    assert plain(ranks[0]) == plain(ranks[1]) == plain(single)
     assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.75
 
 
