@@ -22,7 +22,6 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -262,20 +261,17 @@ def build_prompts(tokenizer, problems, max_tokens, with_teacher, answer_format="
 # --- Rollouts: G responses per prompt from the unprivileged policy (Algorithm 1, line 5) --------------------
 def stop_token_ids(tokenizer, model):
     """EOS and the chat end-of-turn: for Qwen both <|endoftext|> and <|im_end|>."""
-    eos = model.generation_config.eos_token_id
+    eos, vocab = model.generation_config.eos_token_id, tokenizer.get_vocab()
     ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-    ids |= {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
-            if t in tokenizer.get_vocab()}
+    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab}
     return sorted(i for i in ids if i is not None)
 
 
 def cut_at_stop(tokens, stop_ids):
     """Keep tokens up to and including the first stop token. Returns (tokens, truncated).
     The mask comes from the stop position, never from `!= pad_id` (pad may equal EOS)."""
-    for j, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[: j + 1], False
-    return tokens, True
+    end = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
+    return (tokens, True) if end is None else (tokens[: end + 1], False)
 
 
 def sample_token(logits, temperature, greedy=False):
@@ -346,15 +342,14 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
                             f"cache: {first_line(e)}") from None
         tokens = sample_token(logits[:, -1], cfg.temperature, greedy)                   # (B,)
         out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
-        positions = positions[:, -1]                                                    # (B,)
+        first = positions[:, -1] + 1                                                    # (B,)
         for t in range(N):
             out[:, t] = torch.where(done, pad_id, tokens)  # a stopped row never changes again
             done |= torch.isin(tokens, stops)
             if t == N - 1 or t % 16 == 15 and bool(done.all()):  # one host sync per 16 tokens
                 break
-            positions = positions + 1
             torch.compiler.cudagraph_mark_step_begin()  # a new replay of the captured graph (CUDA)
-            tokens = graphed_decode_step(model, cache_kwarg, tokens, positions, slots[P + t:P + t + 1], mask,
+            tokens = graphed_decode_step(model, cache_kwarg, tokens, first + t, slots[P + t:P + t + 1], mask,
                                          cfg.temperature, greedy).clone()               # (B,)
     return out.tolist()
 
@@ -419,7 +414,6 @@ def closing_brace(text, start):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
             return j
-    return None
 
 
 def final_answer(text, answer_format="boxed"):
@@ -486,10 +480,8 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 
 
 def kl_in_reward(old_logp, ref_logp, coef):
-    """Table 1's GRPO baseline (verl's KL in the reward): coef * sum_t k1_t for each response,
-    k1_t = log pi_old(y_t) - log pi_ref(y_t) on its sampled tokens, subtracted from R_i before the
-    group advantage. old_logp, ref_logp: S per-token tensors (|y_i|,) on the model's device;
-    returns a per-sample (S,) on the CPU, like the rewards it is subtracted from (one copy)."""
+    """Table 1's GRPO baseline, verl's KL in the reward: coef * sum_t (log pi_old(y_t) - log pi_ref(y_t))
+    per response. S per-token (|y_i|,) on the model's device -> (S,) on the CPU, like the rewards."""
     return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
 
 
@@ -701,10 +693,11 @@ def response_hidden(model, prompts, responses, pad_id):
     return hidden.reshape(-1, hidden.shape[-1])[rows]                                   # (N, H)
 
 
-def micro_batches(samples, token_budget):
-    """Consecutive index lists whose padded length (count x longest) stays within the budget."""
+def micro_batches(rollouts, indices, token_budget):
+    """Consecutive runs of `indices` whose padded rows (count x longest prompt + response) fit the budget."""
     batches, current, longest = [], [], 0
-    for i, length in enumerate(samples):
+    for i in indices:
+        length = len(rollouts.student_ids[i]) + len(rollouts.response_ids[i])
         if current and max(longest, length) * (len(current) + 1) > token_budget:
             batches.append(current)
             current, longest = [], 0
@@ -727,13 +720,12 @@ class Rollouts:
 
 @torch.no_grad()
 def score_tokens(model, rollouts, cfg, pad_id):
-    """log pi(y_t | x, y<t) of the sampled tokens under `model` (the reference, or pi_old): a list
-    of (|y_i|,), with the head's chunks and log-softmax (logit_stats), never (tokens x V) logits."""
+    """log pi(y_t | x, y<t) under pi_ref or pi_old: S tensors (|y_i|,), by the head's chunks (no N x V)."""
     model.eval()  # pi_old is the policy, left in training mode by the last update
     weight, out = model.get_output_embeddings().weight, []
     w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
     prompts, responses = rollouts.student_ids, rollouts.response_ids
-    for mb in micro_batches([len(p) + len(r) for p, r in zip(prompts, responses)], cfg.micro_batch_tokens):
+    for mb in micro_batches(rollouts, range(len(responses)), cfg.micro_batch_tokens):
         resp = [responses[i] for i in mb]
         hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
@@ -744,8 +736,7 @@ def score_tokens(model, rollouts, cfg, pad_id):
 
 
 def update_policy(model, optimizer, rollouts, cfg, pad_id):
-    """Minimise Eq. 3.1 in --ppo-minibatches optimizer steps, each a token-mean over all its
-    micro-batches and ranks. Returns summed metrics; a non-finite step is skipped."""
+    """Eq. 3.1 in --ppo-minibatches optimizer steps, each a token-mean over its micro-batches and ranks."""
     weight = model.get_output_embeddings().weight
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
@@ -758,9 +749,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
         n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
         n_tokens = all_reduce(torch.tensor(float(n_tokens), device=device)).item()  # over all ranks
         loss_sum = torch.zeros((), device=device)
-        lengths = [len(r.student_ids[i]) + len(r.response_ids[i]) for i in minibatch]
-        for mb in micro_batches(lengths, cfg.micro_batch_tokens):
-            idx = [minibatch[k] for k in mb]
+        for idx in micro_batches(r, minibatch, cfg.micro_batch_tokens):
             take = lambda per_sample: [per_sample[i] for i in idx]
             resp, gated = take(r.response_ids), [i for i in idx if r.kl_weight[i] != 0]
             tokens = torch.tensor(sum(resp, []), device=device)                    # (n,)
@@ -827,8 +816,7 @@ def check_plain_head(model):
 
 
 def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
-    """accuracy/<set> for each set, greedy pass@1 (or mean@k at --temperature with --eval-samples
-    k), sharded over ranks and summed; accuracy is their mean. Prints a few responses on rank 0."""
+    """accuracy/<set>: greedy pass@1, or mean@k at --temperature (--eval-samples k); accuracy: their mean."""
     rank, world = rank_and_world()
     scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
     for name, problems in eval_sets.items():
@@ -850,7 +838,7 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
     """<out>/checkpoint-<step> for AutoModelForCausalLM and --resume, renamed into place when whole."""
     rank, world = rank_and_world()
     # this rank's GPU only: get_rng_state_all would open a CUDA context on every GPU in every rank
-    rngs = [dict(python=random.getstate(), torch=torch.get_rng_state(),
+    rngs = [dict(torch=torch.get_rng_state(),
                  cuda=torch.cuda.get_rng_state() if model.device.type == "cuda" else None)] * world
     if distributed():
         dist.all_gather_object(rngs, rngs[rank])
@@ -862,28 +850,27 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        rng=rngs, bad_steps=bad_steps, config=dataclasses.asdict(cfg)),
-                   os.path.join(tmp, "trainer_state.pt"))
+                        rng=rngs, bad_steps=bad_steps), os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     if distributed():
         dist.barrier()
 
 
-def step_metrics(sums, rewards, gate, responses, truncated, cfg, device):
+def step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
     local = {k: sums[k] for k in ("tokens", "kl", "teacher_tokens", "ref_kl", "entropy", "clipped",
-                                  "approx_kl", "kl_penalty")}
-    local.update(reward=rewards.sum().item(), samples=len(rewards), groups=len(groups),
+                                  "approx_kl")}
+    local.update(reward=rewards.sum().item(), kl_penalty=penalty.sum().item(), samples=len(rewards),
                  flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
                  gated=gate.sum().item(), truncated=sum(truncated))
     summed = all_reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
     t = dict(zip(local, summed))  # by name: a key added anywhere cannot shift the others
     longest = all_reduce(torch.tensor(float(max(map(len, responses))), device=device), "MAX")
     steps = max(1.0, sums["steps"])  # loss, grad norm and update counts are the same on every rank
-    return dict(reward=t["reward"] / t["samples"], zero_spread_frac=t["flat_groups"] / t["groups"],
-                gate_ratio=t["gated"] / t["samples"],
+    return dict(reward=t["reward"] / t["samples"], gate_ratio=t["gated"] / t["samples"],
+                zero_spread_frac=t["flat_groups"] * cfg.group_size / t["samples"],
                 opd_kl=t["kl"] / t["teacher_tokens"] if t["teacher_tokens"] else None,
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
                 kl_penalty=t["kl_penalty"] / t["samples"] if cfg.kl_reward else None,
@@ -908,11 +895,9 @@ def step_prompts(problems, step, cfg):
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags, and installs older than the APIs used here (torch 2.10: CUDA addmm with
-    out_dtype into an fp32 sum; transformers 4.56: from_pretrained's dtype, the layered StaticCache)."""
-    import transformers
-    for name, have, need in (("torch", torch.__version__, "2.10"),
-                             ("transformers", transformers.__version__, "4.56")):
+    """Refuse bad flags, and installs older than the APIs used here (README: the version floors)."""
+    for package, need in ((torch, "2.10"), (__import__("transformers"), "4.56")):
+        name, have = package.__name__, package.__version__
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
             raise UserError(f"{name} {have} is too old: sdpg.py needs {name} >= {need}")
     for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
@@ -924,9 +909,6 @@ def check_flags(cfg, world):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
         raise UserError("--group-size, --total-steps, --ppo-minibatches, --eval-samples must be >= 1")
-    samples = cfg.batch_size // world * cfg.group_size  # on each rank
-    if cfg.ppo_minibatches > samples:
-        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the {samples} samples per rank")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -934,12 +916,10 @@ def check_flags(cfg, world):
 
 
 def load_run(cfg):
-    """(tokenizer, training problems, evaluation sets by name, pi_theta in fp32, frozen pi_ref or None
-    where no term uses it), all checked before anything is written."""
+    """(tokenizer, training problems, evaluation sets, pi_theta in fp32, pi_ref or None), before any write."""
     rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
-    random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_pretrained("AutoTokenizer", model_path)
@@ -967,13 +947,11 @@ def load_run(cfg):
     if cfg.alpha > 0 or cfg.kl_reward:
         ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
         ref_model = load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
-        ref_model.requires_grad_(False)
     return tokenizer, train_set, eval_sets, model, ref_model
 
 
 def optimizer_and_resume(cfg, model):
-    """AdamW and its warmup; with --resume their state, the step, the bad steps and every RNG. Under
-    torchrun the AdamW state is sharded (ZeRO-1): each rank updates and broadcasts its share."""
+    """AdamW (under torchrun sharded: ZeRO-1) and its warmup; with --resume their state, step and RNGs."""
     rank, _ = rank_and_world()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
@@ -991,12 +969,10 @@ def optimizer_and_resume(cfg, model):
         return optimizer, scheduler, 1, 0
     # mapped from the file to the CPU: AdamW's state moves to its parameters' device as it loads,
     # never all to GPU 0, and no rank reads the whole state into memory
-    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True,
-                       weights_only=False)
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][rank]
-    random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and model.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
@@ -1080,8 +1056,7 @@ def train(cfg):
             raise UserError(f"{bad_steps} updates in a row had a non-finite loss or gradient norm; "
                             f"stopping at step {step} (try a lower --lr)")
         # 6. log (metrics summed over ranks), evaluate, save
-        sums["kl_penalty"] = penalty.sum().item()
-        row = dict(step=step, **step_metrics(sums, rewards, gate, responses, truncated, cfg, device),
+        row = dict(step=step, **step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device),
                    beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
@@ -1100,8 +1075,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata, **kind)  # help
     return Config(**vars(parser.parse_args(argv)))
 
 

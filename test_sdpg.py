@@ -870,10 +870,11 @@ def test_long_prompts_are_skipped_with_a_warning(tiny, capsys):
 
 
 def test_micro_batches_respect_the_budget():
-    lengths = [5, 9, 3, 12, 4, 4]
-    batches = sdpg.micro_batches(lengths, 20)
-    assert sum(batches, []) == list(range(6))
-    assert all(len(b) * max(lengths[i] for i in b) <= 20 or len(b) == 1 for b in batches)
+    lengths = {7: 5, 2: 9, 5: 3, 0: 12, 3: 4, 1: 4}  # sample: prompt + response tokens
+    rollouts = sdpg.Rollouts([[0] * 2] * 8, None, [[0] * (lengths.get(i, 2) - 2) for i in range(8)])
+    batches = sdpg.micro_batches(rollouts, list(lengths), 20)
+    assert batches == [[7, 2], [5], [0], [3, 1]]  # in order; 2 x 9 fits, then 3 x 9 and 2 x 12 would not
+    assert all(len(b) * max(lengths[i] for i in b) <= 20 for b in batches)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1196,10 +1197,11 @@ def step_inputs(ranks):
     out = []
     for rank in ranks:
         sums = dict(tokens=8.0 + rank, kl=0.5 * rank, teacher_tokens=2.0 + rank, ref_kl=0.1,
-                    entropy=3.0 + rank, clipped=rank, approx_kl=0.01, kl_penalty=0.0,
+                    entropy=3.0 + rank, clipped=rank, approx_kl=0.01,
                     loss=0.7, grad_norm=1.5, steps=1.0, skipped=1.0)
-        rewards, gate = torch.tensor([1.0, float(rank)]), torch.tensor([1.0, 0.0])
-        out.append((sums, rewards, gate, [[5] * (3 + 4 * rank), [5] * 5], [False, rank == 1]))
+        rewards, penalty = torch.tensor([1.0, float(rank)]), torch.tensor([0.25, rank / 2])
+        out.append((sums, rewards, penalty, torch.tensor([1.0, 0.0]), [[5] * (3 + 4 * rank), [5] * 5],
+                    [False, rank == 1]))
     return out
 
 
@@ -1207,7 +1209,7 @@ def metrics_worker(rank, world, store, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        cfg = sdpg.Config(group_size=2)
+        cfg = sdpg.Config(group_size=2, kl_reward=1.0)
         torch.save(sdpg.step_metrics(*step_inputs([0, 1])[rank], cfg, torch.device("cpu")), f"{out}{rank}")
     finally:
         dist.destroy_process_group()
@@ -1220,14 +1222,14 @@ def test_step_metrics_over_two_ranks_equal_one_process(tmp_path):
     parts = step_inputs([0, 1])
     summed = {k: v if k in ("loss", "grad_norm", "steps", "skipped") else sum(p[0][k] for p in parts)
               for k, v in parts[0][0].items()}
-    (_, rewards, gate, responses, truncated), other = parts
-    single = sdpg.step_metrics(summed, torch.cat([rewards, other[1]]), torch.cat([gate, other[2]]),
-                               responses + other[3], truncated + other[4], sdpg.Config(group_size=2),
-                               torch.device("cpu"))
+    (_, *mine), (_, *other) = parts
+    joined = [torch.cat([a, b]) if torch.is_tensor(a) else a + b for a, b in zip(mine, other)]
+    single = sdpg.step_metrics(summed, *joined, sdpg.Config(group_size=2, kl_reward=1.0), torch.device("cpu"))
     # the compile counters are this process's own, and earlier tests may have compiled in it
     plain = lambda m: {k: v for k, v in m.items() if k not in ("decode_compiles", "cudagraph_skips")}
     assert plain(ranks[0]) == plain(ranks[1]) == plain(single)
     assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.75
+    assert single["kl_penalty"] == 0.25 and single["zero_spread_frac"] == 0.5
 
 
 def zero_worker(rank, world, store, model_dir, out_dir):
