@@ -3,6 +3,7 @@ Benchmark of the fused head (not a test): `python test_sdpg.py --bench`."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -257,6 +258,23 @@ def test_fused_head_n1_and_teacher_equal_student():
         outs.append((loss.detach(), h.grad, stats[1]))
     assert outs[1][2].abs().max() < 1e-12
     assert torch.allclose(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-12)
+
+
+def test_a_kl_above_the_cap_adds_beta_times_the_cap_and_no_gradient():
+    V, f64 = 16, torch.float64
+    torch.manual_seed(0)
+    student = torch.randn(2, V, dtype=f64, requires_grad=True)  # with an identity head: the logits
+    teacher = torch.zeros(2, V, dtype=f64)
+    teacher[0, : V // 2] = -200.0  # q ~ 0 where p has some of its mass: KL_t far above the cap
+    teacher[1, 0] = 1.0           # KL_t well below the cap
+    loss, stats = sdpg.sdpg_head_loss(student, teacher, torch.eye(V, dtype=f64), torch.tensor([0, 1]),
+                                      torch.zeros(2, dtype=f64), torch.full((2,), 0.5, dtype=f64), None, None,
+                                      2.0, alpha=0.0)  # A = 0 and no reference term: the KL term alone
+    kl = stats[1]
+    assert kl[0] > sdpg.KL_CAP > kl[1] > 0
+    assert loss.item() == pytest.approx(0.5 * (sdpg.KL_CAP + kl[1].item()) / 2, rel=1e-12)
+    loss.backward()
+    assert torch.all(student.grad[0] == 0) and student.grad[1].abs().sum() > 0
 
 
 def test_gate_zero_removes_kl_term():
@@ -861,6 +879,22 @@ def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, 
     assert all("TEACHER_CONTEXT" not in t for t in decoded)  # ... never with the marker
 
 
+def test_chat_prompt_without_a_template_is_the_plain_text():
+    tok = make_tokenizer()
+    tok.chat_template = None
+    ids = sdpg.chat_prompt(tok, [dict(role="user", content="Tom has 3 pens.")])
+    assert tok.decode(ids) == "Tom has 3 pens.\n"
+
+
+def test_stop_ids_are_eos_and_the_chat_end_of_turn():
+    from types import SimpleNamespace
+    tok = make_tokenizer()
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    model = lambda eos_ids: SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos_ids))
+    assert sdpg.stop_token_ids(tok, model(eos)) == sorted({eos, im_end})  # no <|eot_id|>, no <unk>
+    assert sdpg.stop_token_ids(tok, model([eos, 5])) == sorted({eos, im_end, 5})
+
+
 def test_long_prompts_are_skipped_with_a_warning(tiny, capsys):
     problems = sdpg.load_problems(tiny["data"], "train")
     problems[1] = dict(problems[1], messages=[{"role": "user", "content": "How many? " * 100}])
@@ -898,6 +932,7 @@ def test_train_subprocess_writes_metrics_and_loadable_checkpoint(tiny, tmp_path)
                 "sample_s", "verify_s", "ref_s", "teacher_s", "update_s", "tokens_per_s", "peak_gpu_gb"):
         assert key in rows[1]
     assert rows[-1]["accuracy"] is not None and rows[1]["accuracy"] is None
+    assert "--- problems sample (reference '7'):" in proc.stdout  # evaluation shows a few responses
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
     assert sum(p.numel() for p in model.parameters()) > 0
     assert os.path.exists(out / "checkpoint-2" / "model.safetensors")
@@ -923,10 +958,16 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     extra = ("--total-steps", "4", "--save-every", "2", "--ppo-minibatches", "2", "--beta-warmup", "0")
     sdpg.main(run_args(tiny, full, *extra)[:-8] + list(extra))
-    sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + ["--resume", str(full / "checkpoint-2")])
+    # in a copy of the run's directory, as `--resume out/checkpoint-2` would be: its rows of steps 0-2
+    # stay, those of steps 3 and 4 are written again
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    resume = ["--resume", str(resumed / "checkpoint-2")]
+    sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + resume)
     per_process = ("tokens_per_s", "decode_compiles", "cudagraph_skips")  # timings, and counts that restart
     timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in per_process}
-    assert [timing(r) for r in read_metrics(full)[-2:]] == [timing(r) for r in read_metrics(resumed)]
+    assert [r["step"] for r in read_metrics(resumed)] == [0, 1, 2, 3, 4]
+    assert [timing(r) for r in read_metrics(full)] == [timing(r) for r in read_metrics(resumed)]
     a, b = (load_file(d / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -1106,6 +1147,19 @@ def bad_inputs(tiny, tmp):
         "prompts too long": (["--max-prompt-tokens", "10"], "no usable training problems"),
         "bad kl mode": (["--kl-mode", "xkl"], "kl-mode"),
     }
+
+
+def test_old_installs_stop_with_one_error_line(monkeypatch):
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    with pytest.raises(sdpg.UserError, match="transformers 4.55.4 is too old: .* needs transformers >= 4.56"):
+        sdpg.check_flags(sdpg.Config(), 1)
+    monkeypatch.setattr(transformers, "__version__", "4.56.0")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    with pytest.raises(sdpg.UserError, match=r"torch 2\.9\.1\+cu128 is too old: .* needs torch >= 2\.10"):
+        sdpg.check_flags(sdpg.Config(), 1)
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cpu")
+    sdpg.check_flags(sdpg.Config(), 1)  # the floors themselves pass
 
 
 def test_bad_inputs_give_one_line_and_no_output(tiny, tmp_path, capsys):
@@ -1510,7 +1564,6 @@ def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens): SDPG, plain GRPO
     (--beta 0 --alpha 0) and Table 1's GRPO command, on the saved random model: the phases of steps
     2 and 3, and the KL penalty of step 1 (0 exactly while pi_old = pi_ref)."""
-    import shutil
     fields = dict(sample_s=".2f", verify_s=".2f", ref_s=".2f", teacher_s=".2f", update_s=".2f", step_s=".2f",
                   peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f", kl_penalty=".2e")
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
