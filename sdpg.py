@@ -671,7 +671,7 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
     advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
     (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
     Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
-    token_loss = lambda *t: sampled_token_loss(*t, alpha, kl_mode, eps_low, eps_high, clip_c)
+    token_loss = lambda *scores: sampled_token_loss(*scores, alpha, kl_mode, eps_low, eps_high, clip_c)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
                                old_logp, ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size,
                                matmul_dtype)

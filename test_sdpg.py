@@ -1121,10 +1121,14 @@ def softcapped_model(tmp):
     return path
 
 
-def test_refuses_an_lm_head_bias(tiny):
+def test_refuses_a_logit_scale_or_an_lm_head_bias(tiny):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny["model"])
     sdpg.check_plain_head(model)  # a plain head passes
+    model.config.logit_scale = 0.0625  # Cohere's
+    with pytest.raises(sdpg.UserError, match="a logit scale"):
+        sdpg.check_plain_head(model)
+    model.config.logit_scale = 1.0
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
     with pytest.raises(sdpg.UserError, match="an lm_head bias"):
         sdpg.check_plain_head(model)
