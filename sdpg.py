@@ -112,7 +112,7 @@ COMPILES = collections.Counter()  # graphs compiled per function in this process
 
 def cuda_compiled(fn, devices=("cuda",), **options):
     """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU)
-    one notice says why, and fn runs eagerly. call.compiled_ran: the compiled fn has run."""
+    one notice says why, and fn runs eagerly. call.compiled_ran: the compiled fn has been called."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -481,7 +481,7 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 
 def kl_in_reward(old_logp, ref_logp, coef):
     """Table 1's GRPO baseline, verl's KL in the reward: coef * sum_t (log pi_old(y_t) - log pi_ref(y_t))
-    per response. S per-token (|y_i|,) on the model's device -> (S,) on the CPU, like the rewards."""
+    per response. S tensors (|y_i|,) on the model's device -> (S,) on the CPU, like the rewards."""
     return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
 
 
@@ -657,7 +657,7 @@ class FusedSDPGHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, None, grad_weight * grad_loss, *(None,) * 11
+        return grad_hidden * grad_loss, None, grad_weight * grad_loss, *(None,) * 11  # 11 more inputs
 
 
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -694,7 +694,7 @@ def response_hidden(model, prompts, responses, pad_id):
 
 
 def micro_batches(rollouts, indices, token_budget):
-    """Consecutive runs of `indices` whose padded rows (count x longest prompt + response) fit the budget."""
+    """Consecutive runs of `indices` whose padded rows (count x longest prompt+response) fit the budget."""
     batches, current, longest = [], [], 0
     for i in indices:
         length = len(rollouts.student_ids[i]) + len(rollouts.response_ids[i])
@@ -798,9 +798,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
 
 # --- Model loading, evaluation and checkpoints --------------------------------------------------------------
 def load_pretrained(kind, path, **kwargs):
-    import transformers
     try:
-        return getattr(transformers, kind).from_pretrained(path, **kwargs)
+        return getattr(__import__("transformers"), kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
 
@@ -860,8 +859,7 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
 def step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
-    local = {k: sums[k] for k in ("tokens", "kl", "teacher_tokens", "ref_kl", "entropy", "clipped",
-                                  "approx_kl")}
+    local = {k: sums[k] for k in "tokens kl teacher_tokens ref_kl entropy clipped approx_kl".split()}
     local.update(reward=rewards.sum().item(), kl_penalty=penalty.sum().item(), samples=len(rewards),
                  flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
                  gated=gate.sum().item(), truncated=sum(truncated))
@@ -909,6 +907,8 @@ def check_flags(cfg, world):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
         raise UserError("--group-size, --total-steps, --ppo-minibatches, --eval-samples must be >= 1")
+    if cfg.ppo_minibatches > cfg.batch_size // world * cfg.group_size:  # an empty one would still step
+        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the samples per rank")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
         raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -917,10 +917,9 @@ def check_flags(cfg, world):
 
 def load_run(cfg):
     """(tokenizer, training problems, evaluation sets, pi_theta in fp32, pi_ref or None), before any write."""
-    rank, _ = rank_and_world()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
-    torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
+    torch.manual_seed(cfg.seed + rank_and_world()[0])  # each rank samples its own responses
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_pretrained("AutoTokenizer", model_path)
     if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
@@ -952,7 +951,6 @@ def load_run(cfg):
 
 def optimizer_and_resume(cfg, model):
     """AdamW (under torchrun sharded: ZeRO-1) and its warmup; with --resume their state, step and RNGs."""
-    rank, _ = rank_and_world()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
     # where the fused kernel cannot take them
@@ -972,7 +970,7 @@ def optimizer_and_resume(cfg, model):
     state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][rank]
+    rng = state["rng"][rank_and_world()[0]]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and model.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
@@ -989,9 +987,13 @@ def open_metrics(cfg, start):
     if cfg.resume and os.path.exists(path):
         with open(path) as f:
             earlier = [line for line in f if json.loads(line)["step"] < start]
-    f = open(path, "w", buffering=1)  # line-buffered: each row is on disk once written
-    f.writelines(earlier)
-    return lambda row: f.write(json.dumps(row) + "\n")
+    with open(path, "w") as f:
+        f.writelines(earlier)
+
+    def write(row):  # each row on disk, and the file closed, once written
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return write
 
 
 # --- Training loop: Algorithm 1 -----------------------------------------------------------------------------
@@ -1019,8 +1021,8 @@ def train(cfg):
         # 1. sample: G responses per prompt from pi_theta(.|x)                        (Alg. 1, l. 5)
         with timed(timings, "sample_s", device):
             group = [p for p in step_prompts(train_set, step, cfg) for _ in range(G)]
-            responses, truncated = generate(sampler, [p["student_ids"] for p in group], cfg, pad_id,
-                                            stop_ids, prompt_len=prompt_len)
+            prompts = [p["student_ids"] for p in group]                                      # x
+            responses, truncated = generate(sampler, prompts, cfg, pad_id, stop_ids, prompt_len=prompt_len)
         # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
         with timed(timings, "verify_s", device):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -1029,8 +1031,7 @@ def train(cfg):
         # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
         # where rho can differ from 1 or the KL in the reward needs them
         with timed(timings, "ref_s", device):
-            rollouts = Rollouts([p["student_ids"] for p in group], [p["teacher_ids"] for p in group],
-                                responses)
+            rollouts = Rollouts(prompts, [p["teacher_ids"] for p in group], responses)
             rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id) if ref_model else None
             scored = cfg.ppo_minibatches > 1 or cfg.kl_reward
             old_logp = score_tokens(model, rollouts, cfg, pad_id) if scored else None
@@ -1049,8 +1050,7 @@ def train(cfg):
             scheduler.step()
             if sampler is not model:  # the bf16 sampling copy, refreshed in place
                 sampler.load_state_dict(model.state_dict())
-        timings["teacher_s"] = sums["teacher_s"]
-        timings["update_s"] -= sums["teacher_s"]
+        timings.update(teacher_s=sums["teacher_s"], update_s=timings["update_s"] - sums["teacher_s"])
         bad_steps = bad_steps + 1 if sums["skipped"] else 0
         if bad_steps >= cfg.max_bad_steps:
             raise UserError(f"{bad_steps} updates in a row had a non-finite loss or gradient norm; "
@@ -1075,7 +1075,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata, **kind)  # help
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata, **kind)  # help=
     return Config(**vars(parser.parse_args(argv)))
 
 
