@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -33,8 +34,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-def opt(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help, **valid):
+    """A flag: default, help, valid values (low, high inclusive; above exclusive; choices) for check_flags;
+    free=True: a resumed run may change it, as it cannot change the update."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **valid))
 
 
 @dataclasses.dataclass
@@ -42,47 +45,53 @@ class Config:
     # model and data
     model: str = opt("Qwen2.5-0.5B", "Hub id, bare Qwen2.5/Qwen3 name, or local directory")
     task: str = opt("gsm8k", "'gsm8k', or a .jsonl/.json/.parquet of question/answer[/context] or verl rows")
-    eval_task: str = opt("", "comma-separated evaluation sets; empty: gsm8k's test split, or the --task file")
-    answer_format: str = opt("boxed", "'boxed' (Figure 4) or 'hash' (a final '#### N'): prompt and verifier")
-    out_dir: str = opt("out", "metrics.jsonl and checkpoint-<step>/ go here")
+    eval_task: str = opt("", "comma-separated evaluation sets (default: gsm8k's test, or --task)", free=True)
+    answer_format: str = opt("boxed", "'boxed' (Figure 4) or 'hash' (a final '#### N'): prompt and verifier",
+                             choices=("boxed", "hash"))
+    out_dir: str = opt("out", "for metrics.jsonl, checkpoint-<step>/ (resume: the checkpoint's)", free=True)
     seed: int = opt(0, "random seed (each DDP rank adds its rank)")
-    device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'")
+    device: str = opt("auto", "'auto' (cuda if present), 'cuda' or 'cpu'", choices=("auto", "cuda", "cpu"))
     # rollouts (Algorithm 1, lines 3-5)
-    batch_size: int = opt(128, "prompts per step, over all ranks")
-    group_size: int = opt(8, "G: sampled responses per prompt")
-    max_prompt_tokens: int = opt(2048, "skip prompts longer than this (the teacher's, with c, included)")
-    max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)")
-    temperature: float = opt(1.0, "sampling temperature; in the loss it divides the student's logits only")
-    sample_memory_mb: float = opt(16384.0, "MB for the sampler's KV cache and logits; rows split past it")
+    batch_size: int = opt(128, "prompts per step, over all ranks", low=1)
+    group_size: int = opt(8, "G: sampled responses per prompt", low=1)
+    max_prompt_tokens: int = opt(2048, "skip prompts longer than this (the teacher's, with c, too)", low=1)
+    max_response_tokens: int = opt(512, "max new tokens per response (the paper uses 4096)", low=1)
+    temperature: float = opt(1.0, "sampling temperature (in the loss: the student's logits only)", above=0)
+    sample_memory_mb: float = opt(16384.0, "MB for the sampler's KV cache and logits", above=0)
     # objective (Eq. 2.1, 3.1-3.5, A.3)
-    alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)")
-    beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)")
-    beta_warmup: int = opt(-1, "T_warm in steps (-1: T/8, the paper's 50 of 400; 0: no warmup)")
-    beta_decay: int = opt(-1, "T_decay in steps (-1: 7T/8, the paper's 350 of 400; 0: no decay)")
-    kl_mode: str = opt("urkl", "reference-KL surrogate: urkl (SDPG-URKL) or ufkl (SDPG-UFKL)")
-    kl_reward: float = opt(0.0, "KL penalty in the reward, R_i - coef sum_t k1_t (Table 1's GRPO: 1e-3)")
+    alpha: float = opt(1e-3, "reference-KL coefficient alpha (0: no reference model)", low=0)
+    beta: float = opt(1e-3, "distillation coefficient beta_base (0: no teacher forward)", low=0)
+    beta_warmup: int = opt(-1, "T_warm in steps (-1: T/8, the paper's 50 of 400; 0: no warmup)", low=-1)
+    beta_decay: int = opt(-1, "T_decay in steps (-1: 7T/8, the paper's 350 of 400; 0: no decay)", low=-1)
+    kl_mode: str = opt("urkl", "reference-KL surrogate: urkl (SDPG-URKL) or ufkl", choices=("urkl", "ufkl"))
+    kl_reward: float = opt(0.0, "KL penalty in the reward: R_i - coef sum_t k1_t (Table 1's GRPO)", low=0)
     gate: bool = opt(True, "distil only responses with A > 0 (Eq. 3.5)")
-    eps_low: float = opt(0.2, "lower clip of the importance ratio")
-    eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)")
-    clip_c: float = opt(10.0, "dual-clip constant c for A < 0")
+    eps_low: float = opt(0.2, "lower clip of the importance ratio", low=0, high=1)
+    eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)", low=0)
+    clip_c: float = opt(10.0, "dual-clip constant c for A < 0", low=1)
     # optimisation
-    total_steps: int = opt(400, "T: training steps")
-    lr: float = opt(1e-6, "AdamW learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "max global gradient norm")
-    lr_warmup: int = opt(10, "steps of linear learning-rate warmup")
-    ppo_minibatches: int = opt(8, "optimizer steps per rollout batch (>1 makes rho differ from 1)")
-    micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch")
-    head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk")
+    total_steps: int = opt(400, "T: training steps", low=1)
+    lr: float = opt(1e-6, "AdamW learning rate", low=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay", low=0)
+    grad_clip: float = opt(1.0, "max global gradient norm", above=0)
+    lr_warmup: int = opt(10, "steps of linear learning-rate warmup", low=0)
+    ppo_minibatches: int = opt(8, "optimizer steps per rollout batch (>1 makes rho differ from 1)", low=1)
+    micro_batch_tokens: int = opt(16384, "token budget (prompt + response, padded) per micro-batch", low=1)
+    head_memory_mb: int = opt(2048, "memory budget (MB) of the fused head's logit chunk", low=1)
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    ref_dtype: str = opt("auto", "'auto' (bf16 on CUDA, fp32 on CPU or with --kl-reward), 'bf16' or 'fp32'")
-    max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row")
-    # evaluation, logging, checkpoints
-    eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)")
-    eval_samples: int = opt(1, "k of mean@k at --temperature (1: greedy pass@1; the paper: mean@32)")
-    eval_n: int = opt(0, "evaluate on the first N problems (0: all)")
-    save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
-    resume: str = opt("", "checkpoint directory to continue from")
+    ref_dtype: str = opt("auto", "'auto' (bf16 on CUDA, else or with --kl-reward fp32), 'bf16' or 'fp32'",
+                         choices=("auto", "bf16", "fp32"))
+    max_bad_steps: int = opt(5, "abort after this many non-finite updates in a row", low=1, free=True)
+    # evaluation (on a fork of the RNG: it never moves a rollout), logging, checkpoints
+    eval_every: int = opt(50, "evaluation every N steps (0: only at start and end)", low=0, free=True)
+    eval_samples: int = opt(1, "k of mean@k at --temperature (1: greedy; the paper: 32)", low=1, free=True)
+    eval_n: int = opt(0, "evaluate on the first N problems (0: all)", low=0, free=True)
+    report_to: str = opt("none", "also log to trackio or wandb", choices=("none", "trackio", "wandb"),
+                         free=True)
+    run_name: str = opt("", "the tracker's run (default: out-dir name and start time)", free=True)
+    save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", low=0, free=True)
+    keep_checkpoints: int = opt(0, "keep the last N checkpoints (0: all, else >= 2)", low=0, free=True)
+    resume: str = opt("", "checkpoint to continue from, with its recorded flags", free=True)
 
 
 class UserError(Exception):
@@ -165,7 +174,9 @@ HINT_SOLUTION = (
 
 
 def resolve_model_name(name):
-    """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must exist."""
+    """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must be a model directory."""
+    if os.path.isfile(name) or os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UserError(f"--model {name!r} is not a model directory (one with a config.json)")
     if not os.path.isdir(name) and re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
         return "Qwen/" + name
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -181,7 +192,8 @@ def load_problems(task, split):
             import datasets  # imported only where a Hub data set is loaded
             rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
         except Exception as e:  # no `datasets`, no network, ...
-            raise UserError(f"cannot load openai/gsm8k ({split}): {first_line(e)}") from None
+            raise UserError(f"cannot load openai/gsm8k ({split}; without the Hub, HF_HUB_OFFLINE=1 fails at "
+                            f"once): {first_line(e)}") from None
         # the context: the reference solution without its '#### N' and <<48/2=24>> annotations
         rows = [dict(r, context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
                 for r in rows]
@@ -196,13 +208,20 @@ def load_problems(task, split):
                 rows = list(datasets.load_dataset("parquet", data_files=task, split="train"))
             else:
                 with open(task) as f:
-                    rows = json.load(f) if task.endswith(".json") else [json.loads(x) for x in f if x.strip()]
+                    text = f.read()
+                # JSONL as one array, a line per row (blank: null), so an error names the file's line
+                lines = (x if x.strip() else "null" for x in text.splitlines())
+                rows = json.loads(text if task.endswith(".json") else "[" + ",\n".join(lines) + "]")
         except (ValueError, OSError) as e:
             raise UserError(f"cannot read {task}: {first_line(e)}") from None
-    if not isinstance(rows, list) or not rows:
+    if not isinstance(rows, list):
+        raise UserError(f"{task} holds a JSON {type(rows).__name__}, not a list of problems")
+    if not any(r is not None for r in rows):
         raise UserError(f"{task} holds no problems")
     problems = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows):  # row i + 1: the line of a .jsonl
+        if r is None:
+            continue
         if isinstance(r, dict) and isinstance(r.get("prompt"), list):  # verl's format
             answer, messages = str((r.get("reward_model") or {}).get("ground_truth", "")), r["prompt"]
         elif isinstance(r, dict) and "question" in r and "answer" in r:
@@ -801,7 +820,8 @@ def load_pretrained(kind, path, **kwargs):
     try:
         return getattr(__import__("transformers"), kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {kind} from {path!r}: {first_line(e)}") from None
+        offline = "" if os.path.isdir(path) else " (without the Hub, HF_HUB_OFFLINE=1 fails at once)"
+        raise UserError(f"cannot load {kind} from {path!r}{offline}: {first_line(e)}") from None
 
 
 def check_plain_head(model):
@@ -849,9 +869,15 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        rng=rngs, bad_steps=bad_steps), os.path.join(tmp, "trainer_state.pt"))
+                        rng=rngs, bad_steps=bad_steps, flags=dataclasses.asdict(cfg)),  # plain values
+                   os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        # --keep-checkpoints: the last N up to this step, by the step as a number (not by name)
+        names = map(re.compile(r"checkpoint-(\d+)").fullmatch, os.listdir(cfg.out_dir))
+        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= step)
+        for old in steps[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+            shutil.rmtree(os.path.join(cfg.out_dir, f"checkpoint-{old}"))
     if distributed():
         dist.barrier()
 
@@ -893,32 +919,49 @@ def step_prompts(problems, step, cfg):
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags, and installs older than the APIs used here (README: the version floors)."""
+    """Refuse bad flags (each against its range in Config), an --out-dir holding another run, a missing
+    tracker, and installs older than the APIs used here (README: the version floors); before any write."""
     for package, need in ((torch, "2.10"), (__import__("transformers"), "4.56")):
         name, have = package.__name__, package.__version__
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
             raise UserError(f"{name} {have} is too old: sdpg.py needs {name} >= {need}")
-    for flag, allowed in dict(kl_mode=("urkl", "ufkl"), answer_format=tuple(ANSWER_FORMATS),
-                              ref_dtype=("auto", "bf16", "fp32"), device=("auto", "cuda", "cpu")).items():
-        if getattr(cfg, flag) not in allowed:
-            raise UserError(f"unknown --{flag.replace('_', '-')} {getattr(cfg, flag)!r}: "
-                            f"use {', '.join(allowed)}")
+    for f in dataclasses.fields(cfg):
+        value, valid, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if "choices" in valid and value not in valid["choices"]:
+            raise UserError(f"unknown {flag} {value!r}: use {', '.join(valid['choices'])}")
+        low, high, above = (valid.get(k, bound) for k, bound in (("low", -math.inf), ("high", math.inf),
+                                                                  ("above", -math.inf)))
+        if valid.keys() & {"low", "high", "above"} and not (low <= value <= high and value > above):
+            bounds = [f">= {low}" * (low > -math.inf), f"> {above}" * (above > -math.inf),
+                      f"<= {high}" * (high < math.inf)]
+            raise UserError(f"{flag} {value}: must be {' and '.join(filter(None, bounds))}")
+    if cfg.keep_checkpoints == 1:
+        raise UserError("--keep-checkpoints 1: use 0 (all) or at least 2 (a crash mid-save leaves one whole)")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
-    if min(cfg.group_size, cfg.total_steps, cfg.ppo_minibatches, cfg.eval_samples) < 1:
-        raise UserError("--group-size, --total-steps, --ppo-minibatches, --eval-samples must be >= 1")
     if cfg.ppo_minibatches > cfg.batch_size // world * cfg.group_size:  # an empty one would still step
-        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the samples per rank")
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
-        raise UserError(f"--resume {cfg.resume!r} is not a checkpoint directory")
+        raise UserError(f"--ppo-minibatches {cfg.ppo_minibatches} exceeds the --batch-size x --group-size "
+                        f"samples per rank ({cfg.batch_size // world * cfg.group_size})")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available")
+    if os.path.isfile(cfg.out_dir):
+        raise UserError(f"--out-dir {cfg.out_dir!r} is a file")
+    # rank 0 alone: it writes, and another rank checking later would find its files
+    held = sorted(os.listdir(cfg.out_dir)) if os.path.isdir(cfg.out_dir) and rank_and_world()[0] == 0 else []
+    if not cfg.resume and any(n == "metrics.jsonl" or n.startswith("checkpoint-") for n in held):
+        raise UserError(f"--out-dir {cfg.out_dir!r} holds a run: continue it with --resume "
+                        f"{os.path.join(cfg.out_dir, 'checkpoint-<step>')}, or name another --out-dir")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"--report-to {cfg.report_to}: not installed (pip install {cfg.report_to})")
 
 
 def load_run(cfg):
     """(tokenizer, training problems, evaluation sets, pi_theta in fp32, pi_ref or None), before any write."""
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
+    if rank_and_world()[0] == 0:
+        print(f"device: {device}" + (" (--device auto found no CUDA device)" * (cfg.device == "auto")
+                                     if not use_cuda else ""))
     torch.manual_seed(cfg.seed + rank_and_world()[0])  # each rank samples its own responses
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_pretrained("AutoTokenizer", model_path)
@@ -936,6 +979,10 @@ def load_run(cfg):
         raise UserError(f"no usable training problems in {cfg.task!r}")
     model = load_pretrained("AutoModelForCausalLM", cfg.resume or model_path, dtype=torch.float32).to(device)
     check_plain_head(model)
+    rows = model.get_input_embeddings().num_embeddings  # Qwen's has more rows than its tokenizer ids
+    if not tokenizer("0", add_special_tokens=False)["input_ids"] or len(tokenizer) > rows:
+        raise UserError(f"the tokenizer of {cfg.model!r} ({len(tokenizer)} ids) is empty or exceeds the "
+                        f"model's {rows} embeddings")
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
@@ -978,10 +1025,11 @@ def optimizer_and_resume(cfg, model):
 
 
 def open_metrics(cfg, start):
-    """The row writer of <out>/metrics.jsonl (rank 0); a resumed run keeps the rows before `start`."""
+    """(write a row, finish) of <out>/metrics.jsonl on rank 0, each row also to the --report-to tracker
+    (a resumed run continues its run, by name); a resumed run keeps the rows before `start`."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank_and_world()[0] != 0:
-        return lambda row: None
+        return (lambda row: None), (lambda: None)
     os.makedirs(cfg.out_dir, exist_ok=True)
     earlier = []
     if cfg.resume and os.path.exists(path):
@@ -989,11 +1037,17 @@ def open_metrics(cfg, start):
             earlier = [line for line in f if json.loads(line)["step"] < start]
     with open(path, "w") as f:
         f.writelines(earlier)
+    tracker = None if cfg.report_to == "none" else importlib.import_module(cfg.report_to)
+    if tracker:  # trackio and wandb share init, log and finish; wandb resumes by id
+        tracker.init(project="sdpg", name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow",
+                     **(dict(id=cfg.run_name) if cfg.report_to == "wandb" else {}))
 
     def write(row):  # each row on disk, and the file closed, once written
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return write
+        if tracker:
+            tracker.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+    return write, (tracker.finish if tracker else lambda: None)
 
 
 # --- Training loop: Algorithm 1 -----------------------------------------------------------------------------
@@ -1005,8 +1059,14 @@ def train(cfg):
     pad_id, G, device = tokenizer.pad_token_id, cfg.group_size, model.device
     prompt_len = max(len(p["student_ids"]) for p in train_set)  # every training call: one prompt width
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
-    log = open_metrics(cfg, start)
-    evaluation = lambda: evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
+    if not cfg.run_name:  # the tracker's run, recorded in the checkpoints with the other flags
+        cfg = dataclasses.replace(cfg, run_name=f"{os.path.basename(os.path.abspath(cfg.out_dir))}-"
+                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+    log, finish_log = open_metrics(cfg, start)
+
+    def evaluation():  # on a fork of the RNG: moving an evaluation (--eval-*) never moves a rollout
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
     if start == 1 and eval_sets:  # the starting point: step 0
         log(dict(step=0, **evaluation()))
     # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
@@ -1067,26 +1127,45 @@ def train(cfg):
         bar.set_postfix(shown)
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
+    finish_log()
     return model
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
+    """The run's Config: the flags given, over those a resumed checkpoint recorded, over the defaults.
+    A resumed run refuses a given flag that differs from its record, unless the flag is free."""
+    parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)")
+
+    def refuse(message):  # argparse's errors as one line, without its usage block
+        raise UserError(message)
+    parser.error = refuse
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for f in fields.values():  # SUPPRESS: only the flags given are set
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata, **kind)  # help=
-    return Config(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+    given, recorded = vars(parser.parse_args(argv)), {}
+    if given.get("resume"):
+        state = os.path.join(given["resume"], "trainer_state.pt")
+        if not os.path.isfile(state):
+            raise UserError(f"--resume {given['resume']!r} is not a checkpoint directory")
+        recorded = {k: v for k, v in torch.load(state, mmap=True).get("flags", {}).items() if k in fields}
+        changed = [f"--{k.replace('_', '-')} {v!r} (the run's: {recorded[k]!r})" for k, v in given.items()
+                   if k in recorded and v != recorded[k] and not fields[k].metadata.get("free")]
+        if changed:
+            raise UserError(f"a resumed run keeps its flags, but {', '.join(changed)} differ")
+        recorded["out_dir"] = os.path.dirname(os.path.normpath(given["resume"]))  # the run's own folder
+    return Config(**{**recorded, **given})
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
     try:
+        cfg = parse_args(argv)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+            cuda = torch.cuda.is_available() and cfg.device != "cpu"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if cuda else "gloo")
         train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

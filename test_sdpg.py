@@ -1,5 +1,5 @@
 """Tests for sdpg.py (CPU, offline): `python -m pytest -q test_sdpg.py`.
-Benchmark of the fused head (not a test): `python test_sdpg.py --bench`."""
+Benchmarks and the README's evidence rows (not tests): `python test_sdpg.py --help`."""
 import json
 import math
 import os
@@ -753,6 +753,9 @@ def test_resolve_model_name(tmp_path):
     assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert sdpg.resolve_model_name("Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
     assert sdpg.resolve_model_name("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
+    with pytest.raises(sdpg.UserError, match="is not a model directory"):
+        sdpg.resolve_model_name(str(tmp_path))  # no config.json
+    (tmp_path / "config.json").write_text("{}")
     assert sdpg.resolve_model_name(str(tmp_path)) == str(tmp_path)
     with pytest.raises(sdpg.UserError):
         sdpg.resolve_model_name("./no/such/model")
@@ -773,7 +776,7 @@ def test_gsm8k_rows_strip_calculator_annotations(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(sdpg.UserError,
-                       match="cannot load openai/gsm8k \\(test\\): ConnectionError: Couldn't reach"):
+                       match="cannot load openai/gsm8k \\(test; .*HF_HUB_OFFLINE=1.*\\): ConnectionError: Couldn't reach"):
         sdpg.load_problems("gsm8k", "test")
 
 
@@ -962,14 +965,96 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     # stay, those of steps 3 and 4 are written again
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoint-4")
-    resume = ["--resume", str(resumed / "checkpoint-2")]
-    sdpg.main(run_args(tiny, resumed, *extra)[:-8] + list(extra) + resume)
+    sdpg.main(["--resume", str(resumed / "checkpoint-2")])  # the recorded flags, a --model not the default
     per_process = ("tokens_per_s", "decode_compiles", "cudagraph_skips")  # timings, and counts that restart
     timing = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and k not in per_process}
     assert [r["step"] for r in read_metrics(resumed)] == [0, 1, 2, 3, 4]
     assert [timing(r) for r in read_metrics(full)] == [timing(r) for r in read_metrics(resumed)]
     a, b = (load_file(d / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_run_is_never_touched(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    sdpg.main(run_args(tiny, out, "--save-every", "1"))
+    before, checkpoint = snapshot(out), str(out / "checkpoint-1")
+    attempts = {  # a fresh run into it (also with a flag that once failed after setup), or a changed resume
+        "fresh run": (run_args(tiny, out), "holds a run: continue it with --resume"),
+        "fresh run, temperature 0": (run_args(tiny, out, "--temperature", "0"), "--temperature 0.0: must be > 0"),
+        "resume, another lr": (["--resume", checkpoint, "--lr", "0.002"],
+                               "a resumed run keeps its flags, but --lr 0.002 (the run's: 0.001) differ"),
+        "resume, another model and seed": (["--resume", checkpoint, "--model", "Qwen2.5-0.5B", "--seed", "1"],
+                                           "(the run's: " + repr(tiny["model"]) + "), --seed 1 (the run's: 0)"),
+        "resume, one checkpoint kept": (["--resume", checkpoint, "--keep-checkpoints", "1"], "--keep-checkpoints 1"),
+        "resume from a non-checkpoint": (["--resume", str(out)], "is not a checkpoint directory"),
+    }
+    for name, (args, message) in attempts.items():
+        with pytest.raises(SystemExit) as exit:
+            sdpg.main(args)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert exit.value.code == 2 and len(err) == 1 and message in err[0], (name, err)
+        assert snapshot(out) == before, name
+    data = open(tiny["data"]).read()
+    with pytest.raises(SystemExit):
+        sdpg.main(run_args(tiny, tiny["data"]))  # an --out-dir that is a file
+    assert "is a file" in capsys.readouterr().err and open(tiny["data"]).read() == data
+
+
+def test_resume_takes_free_flags_and_writes_into_the_checkpoint_parent(tiny, tmp_path):
+    out = tmp_path / "run"
+    sdpg.main(run_args(tiny, out, "--save-every", "1", "--total-steps", "3"))
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt")  # weights_only: the flags are plain values
+    assert state["flags"]["model"] == tiny["model"] and state["flags"]["lr"] == 1e-3
+    shutil.rmtree(out / "checkpoint-3")
+    sdpg.main(["--resume", str(out / "checkpoint-2"), "--eval-every", "1", "--keep-checkpoints", "2"])
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["accuracy"] is not None
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
+
+
+def test_keep_checkpoints_sorts_by_step_as_a_number(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    cfg = sdpg.Config(out_dir=str(tmp_path), keep_checkpoints=2)
+    for step in (8, 9, 10, 100):  # by name, checkpoint-10 and checkpoint-100 would come first
+        sdpg.save_checkpoint(cfg, step, model, make_tokenizer(), optimizer, scheduler, 0)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-100"]
+
+
+def test_device_is_printed_once_with_the_cpu_fallback(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sdpg.main(run_args(tiny, tmp_path / "out", "--total-steps", "1", "--device", "auto"))
+    assert capsys.readouterr().out.splitlines()[0] == "device: cpu (--device auto found no CUDA device)"
+
+
+TRACKED_RUN = """
+import json, shutil, sys, sdpg
+from trackio.sqlite_storage import SQLiteStorage
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+sdpg.main(args + ["--report-to", "trackio", "--run-name", "tiny", "--save-every", "1"])
+sdpg.main(["--resume", out + "/checkpoint-1"])  # in place: step 2 again, into the same tracker run
+print(json.dumps(SQLiteStorage.get_logs("sdpg", "tiny")))
+"""
+
+
+def test_trackio_gets_every_row_and_a_resume_continues_its_run(tiny, tmp_path):
+    pytest.importorskip("trackio")
+    out = tmp_path / "out"
+    env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", TRACKED_RUN, json.dumps(run_args(tiny, out)), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in logged] == [0, 1, 2, 2]
+    for row, got in zip(read_metrics(out), logged[:2] + logged[3:]):  # the file's rows: 0, 1 and the new 2
+        stored = {k: v for k, v in got.items() if k not in ("timestamp", "__step")}  # trackio's own keys
+        assert stored == {k: v for k, v in row.items() if v is not None}
 
 
 def count_model_loads(monkeypatch):
@@ -1150,8 +1235,49 @@ def bad_inputs(tiny, tmp):
         "bad model path": (["--model", str(tmp / "no-model")], "does not exist"),
         "prompts too long": (["--max-prompt-tokens", "10"], "no usable training problems"),
         "bad kl mode": (["--kl-mode", "xkl"], "kl-mode"),
-        "more mini-batches than samples": (["--ppo-minibatches", "17"], "exceeds the samples per rank"),
+        "more mini-batches than samples": (["--ppo-minibatches", "17"],
+                                           "--ppo-minibatches 17 exceeds the --batch-size x --group-size"),
+        "temperature 0": (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+        "negative temperature": (["--temperature", "-1"], "--temperature -1.0: must be > 0"),
+        "no response tokens": (["--max-response-tokens", "0"], "--max-response-tokens 0: must be >= 1"),
+        "negative lr": (["--lr", "-0.001"], "--lr -0.001: must be >= 0"),
+        "nan lr": (["--lr", "nan"], "--lr nan: must be >= 0"),
+        "negative alpha": (["--alpha", "-1"], "--alpha -1.0: must be >= 0"),
+        "negative beta": (["--beta", "-0.5"], "--beta -0.5: must be >= 0"),
+        "negative eval-n": (["--eval-n", "-2"], "--eval-n -2: must be >= 0"),
+        "eps-low above 1": (["--eps-low", "1.5"], "--eps-low 1.5: must be >= 0 and <= 1"),
+        "no head memory": (["--head-memory-mb", "0"], "--head-memory-mb 0: must be >= 1"),
+        "no sample memory": (["--sample-memory-mb", "0"], "--sample-memory-mb 0.0: must be > 0"),
+        "batch size 0": (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        "default mini-batches, small run": (["--batch-size", "1", "--group-size", "2"],
+                                            "--ppo-minibatches 8 exceeds the --batch-size x --group-size"),
+        "one checkpoint kept": (["--keep-checkpoints", "1"], "--keep-checkpoints 1: use 0 (all) or at least 2"),
+        "unknown tracker": (["--report-to", "tensorboard"], "unknown --report-to 'tensorboard'"),
+        "unknown flag": (["--learning-rate", "1"], "unrecognized arguments: --learning-rate"),
+        "flag of the wrong type": (["--total-steps", "two"], "argument --total-steps: invalid int value"),
+        "bad JSONL line": (["--task", write_text(tmp / "b.jsonl", '{"question": "1+1?", "answer": "2"}\n\n{no')],
+                           "b.jsonl: JSONDecodeError: Expecting property name enclosed in double quotes: line 3"),
+        "JSON object": (["--task", write_text(tmp / "o.json", '{"question": "1+1?", "answer": "2"}')],
+                        "holds a JSON dict, not a list of problems"),
+        "model is a file": (["--model", tiny["data"]], "is not a model directory"),
+        "empty model folder": (["--model", str(tmp / "empty-model")], "is not a model directory"),
+        "model without tokenizer": (["--model", weights_only_model(tiny, tmp)], "ids) is empty or exceeds"),
     }
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def weights_only_model(tiny, tmp):
+    """The tiny model's config and weights, without tokenizer files."""
+    path = tmp / "weights-only"
+    path.mkdir()
+    for name in os.listdir(tiny["model"]):
+        if name.startswith(("config", "model", "generation")):
+            shutil.copy(os.path.join(tiny["model"], name), path)
+    return str(path)
 
 
 def test_old_installs_are_refused_with_the_version_needed(monkeypatch):
@@ -1168,6 +1294,7 @@ def test_old_installs_are_refused_with_the_version_needed(monkeypatch):
 
 
 def test_bad_inputs_give_one_line_and_no_output(tiny, tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
     for name, (args, message) in bad_inputs(tiny, tmp_path).items():
         out = tmp_path / name.replace(" ", "-")
         with pytest.raises(SystemExit) as exit:
@@ -1175,6 +1302,16 @@ def test_bad_inputs_give_one_line_and_no_output(tiny, tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert exit.value.code == 2 and len(err) == 1 and message in err[0], (name, err)
         assert not out.exists(), name
+
+
+def test_a_failed_hub_load_names_hf_hub_offline(tiny, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"),
+                           *run_args(tiny, tmp_path / "o", "--model", "Qwen2.5-0.5B")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: cannot load AutoTokenizer from 'Qwen/Qwen2.5-0.5B'")
+    assert "HF_HUB_OFFLINE=1" in last and not (tmp_path / "o").exists()
 
 
 def test_bad_input_subprocess_has_no_traceback(tiny, tmp_path):
@@ -1740,14 +1877,15 @@ def test_evidence_rows_are_disjoint_and_hide_the_hint(tmp_path):
     assert sdpg.reward(teacher[1]["content"], sets[0][0]["messages"][1]["content"], "hash") == 1.0
 
 
-if __name__ == "__main__" and "--bench" in sys.argv:
-    budget = int(sys.argv[sys.argv.index("--memory-mb") + 1]) if "--memory-mb" in sys.argv else 2048
+def bench_head(memory_mb):
     if torch.cuda.is_available():
-        bench([8192, 32768], 896, 151936, torch.bfloat16, "cuda", memory_mb=budget)
+        bench([8192, 32768], 896, 151936, torch.bfloat16, "cuda", memory_mb=memory_mb)
     else:
         torch.set_num_threads(os.cpu_count() or 1)
         bench([512, 2048], 64, 8192, torch.float32, "cpu", repeats=2)
-elif __name__ == "__main__" and "--bench-memory" in sys.argv:
+
+
+def bench_memory_here():
     import tempfile
     with tempfile.TemporaryDirectory() as root:
         if torch.cuda.is_available():
@@ -1757,7 +1895,9 @@ elif __name__ == "__main__" and "--bench-memory" in sys.argv:
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     head_dim=16), extra=["--batch-size", "4", "--max-response-tokens", "8",
                                                          "--eval-n", "4", "--device", "cpu"])
-elif __name__ == "__main__" and "--bench-sample" in sys.argv:
+
+
+def bench_sample_here():
     import tempfile
     from transformers import Qwen2Config
     if torch.cuda.is_available():  # Qwen2.5-0.5B's shape, random weights
@@ -1774,5 +1914,42 @@ elif __name__ == "__main__" and "--bench-sample" in sys.argv:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              tie_word_embeddings=True)
         bench_sampler(config, 64, 32, 64, "cpu")
-elif __name__ == "__main__" and "--make-rows" in sys.argv:
-    make_rows(sys.argv[sys.argv.index("--make-rows") + 1])
+
+
+def main(argv=None):
+    """`python test_sdpg.py --bench | --bench-sample | --bench-memory | --make-rows DIR` (not tests)."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Benchmarks of sdpg.py, and the README's evidence rows; "
+                                                 "the tests: python -m pytest -q test_sdpg.py")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bench", action="store_true", help="the fused head against the naive one")
+    what.add_argument("--bench-sample", action="store_true", help="the decode loop, then SDPG and GRPO steps")
+    what.add_argument("--bench-memory", action="store_true", help="per-phase memory peaks, Qwen3-1.7B's shape")
+    what.add_argument("--make-rows", metavar="DIR", help="write the evidence rows into the directory DIR")
+    parser.add_argument("--memory-mb", type=int, default=2048, help="--bench: the head's memory budget")
+    args = parser.parse_args(argv)
+    if args.make_rows and not os.path.isdir(args.make_rows):
+        parser.error(f"--make-rows: {args.make_rows!r} is not a directory")
+    if args.bench:
+        bench_head(args.memory_mb)
+    elif args.bench_memory:
+        bench_memory_here()
+    elif args.bench_sample:
+        bench_sample_here()
+    else:
+        make_rows(args.make_rows)
+
+
+def test_benchmark_flags_are_checked(tmp_path, capsys):
+    for argv, message in (([], "one of the arguments"), (["--bench", "--repeats", "3"], "unrecognized arguments"),
+                          (["--make-rows", str(tmp_path / "missing")], "is not a directory"),
+                          (["--bench", "--memory-mb", "lots"], "invalid int value")):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, argv
+    main(["--make-rows", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["heldout.jsonl", "train.jsonl"]
+
+
+if __name__ == "__main__":
+    main()
