@@ -959,9 +959,9 @@ def load_run(cfg):
     """(tokenizer, training problems, evaluation sets, pi_theta in fp32, pi_ref or None), before any write."""
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"  # torchrun: this rank's GPU
-    if rank_and_world()[0] == 0:
-        print(f"device: {device}" + (" (--device auto found no CUDA device)" * (cfg.device == "auto")
-                                     if not use_cuda else ""))
+    if rank_and_world()[0] == 0:  # once; --device auto falling back to the CPU says so
+        fallback = cfg.device == "auto" and not use_cuda
+        print(f"device: {device}" + " (--device auto found no CUDA device)" * fallback)
     torch.manual_seed(cfg.seed + rank_and_world()[0])  # each rank samples its own responses
     model_path = resolve_model_name(cfg.model)
     tokenizer = load_pretrained("AutoTokenizer", model_path)
