@@ -525,8 +525,7 @@ def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
 
 
 def rlsd_lambda(step, lam, decay_steps):
-    """RLSD's lambda_k = lam max(0, 1 - k / T_lambda), the authors' decay (k from 1, as verl's
-    global_steps); T_lambda = 0 keeps Appendix B's constant lambda."""
+    """RLSD's lambda_k = lam max(0, 1 - k/T_lambda), the authors' decay (T_lambda = 0: App. B's constant)."""
     return (lam * max(0.0, 1 - step / decay_steps)) if decay_steps > 0 else lam
 
 
@@ -737,8 +736,7 @@ class Rollouts:
     old_logp: list = None              # S tensors (|y_i|,), or None on-policy
 
     def per_token(self, values, samples, device):
-        """values[i] for the samples (per-sample CPU values, or (|y_i|,) tensors: scores, RLSD's A_t) as one
-        (n,) tensor on the device: the one place where per-sample values cross to it."""
+        """values[i] of the samples, per-sample CPU values or (|y_i|,) tensors, as one (n,) on the device."""
         return torch.cat([values[i].to(device).expand(len(self.response_ids[i])) for i in samples])
 
 
@@ -881,9 +879,8 @@ def step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
     local = {k: sums.get(k, 0.0) for k in "tokens kl teacher_tokens ref_kl entropy clipped approx_kl "
-             "rlsd_tokens rlsd_delta rlsd_weight rlsd_clipped".split()}  # RLSD's: 0 where it did not run
+             "rlsd_tokens rlsd_delta rlsd_weight rlsd_clipped".split()}  # RLSD's: over the tokens it scored
     local.update(reward=rewards.sum().item(), kl_penalty=penalty.sum().item(), samples=len(rewards),
-                 correct=(rewards > 0).sum().item(),  # a group of one is never flat: A_i = R_i
                  flat_groups=(groups.amin(1) == groups.amax(1)).sum().item() * (cfg.group_size > 1),
                  gated=gate.sum().item(), truncated=sum(truncated))
     summed = all_reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
@@ -891,12 +888,11 @@ def step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device
     longest = all_reduce(torch.tensor(float(max(map(len, responses))), device=device), "MAX")
     steps = max(1.0, sums["steps"])  # loss, grad norm and update counts are the same on every rank
     return dict(reward=t["reward"] / t["samples"], gate_ratio=t["gated"] / t["samples"],
-                correct_frac=t["correct"] / t["samples"],  # reward's share of +1
-                zero_spread_frac=t["flat_groups"] * cfg.group_size / t["samples"],
+                correct_frac=(t["reward"] / t["samples"] + 1) / 2,  # the share of +1 rewards (the others -1)
+                zero_spread_frac=t["flat_groups"] * cfg.group_size / t["samples"],  # G = 1: never flat, A = R
                 opd_kl=t["kl"] / t["teacher_tokens"] if t["teacher_tokens"] else None,
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
                 kl_penalty=t["kl_penalty"] / t["samples"] if cfg.kl_reward else None,
-                # RLSD's, over the tokens it scored (A_i != 0)
                 rlsd_delta=t["rlsd_delta"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,
                 rlsd_weight=t["rlsd_weight"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,
                 rlsd_clip_frac=t["rlsd_clipped"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,

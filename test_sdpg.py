@@ -1086,10 +1086,9 @@ def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
 
 
 def readme_rlsd_flags():
-    """The RLSD command of README's "Reproducing Table 1", its flags after $COMMON and --task, no --out-dir."""
+    """The RLSD command's flags in README's "Reproducing Table 1", after $COMMON and --task."""
     with open(os.path.join(HERE, "README.md")) as f:
-        line = next(line for line in f if "--rlsd-lambda 0.5" in line)
-    flags = line.split()
+        flags = next(line for line in f if "--rlsd-lambda 0.5" in line).split()
     return flags[:flags.index("--out-dir")]
 
 
@@ -1103,14 +1102,15 @@ def mixed_rewards(monkeypatch):
 
 def test_readme_rlsd_command_scores_the_teacher_only_where_a_is_nonzero(tiny, tmp_path, monkeypatch):
     flags = readme_rlsd_flags()
-    assert flags == ["--beta", "0", "--alpha", "0", "--rlsd-lambda", "0.5", "--rlsd-decay", "50",
-                     "--rlsd-eps-w", "0.2", "--eps-high", "0.2", "--clip-c", "3"]  # the authors' script
+    assert flags == "--beta 0 --alpha 0 --rlsd-lambda 0.5 --eps-high 0.2 --clip-c 3".split()
+    assert (sdpg.Config.rlsd_decay, sdpg.Config.rlsd_eps_w) == (50, 0.2)  # the rest of the authors' script
     mixed_rewards(monkeypatch)
     scored, advantages, updates = [], [], []
     real_score, real_adv, real_update = sdpg.score_tokens, sdpg.group_advantages, sdpg.update_policy
     monkeypatch.setattr(sdpg, "score_tokens", lambda m, p, r, *a: scored.append((p, real_score(m, p, r, *a)))
                         or scored[-1][1])
-    monkeypatch.setattr(sdpg, "group_advantages", lambda *a: advantages.append(real_adv(*a)) or advantages[-1])
+    monkeypatch.setattr(sdpg, "group_advantages",
+                        lambda *a: advantages.append(real_adv(*a)) or advantages[-1])
     monkeypatch.setattr(sdpg, "update_policy", lambda m, o, r, *a: updates.append(list(r.advantages))
                         or real_update(m, o, r, *a))
     sdpg.main(run_args(tiny, tmp_path, *flags))
@@ -1140,7 +1140,8 @@ def test_rlsd_past_t_lambda_updates_as_plain_grpo_bit_for_bit(tiny, tmp_path, mo
     mixed_rewards(monkeypatch)
     prompts_scored = []
     real_score = sdpg.score_tokens
-    monkeypatch.setattr(sdpg, "score_tokens", lambda m, p, *a: prompts_scored.extend(p) or real_score(m, p, *a))
+    monkeypatch.setattr(sdpg, "score_tokens",
+                        lambda m, p, *a: prompts_scored.extend(p) or real_score(m, p, *a))
     grpo = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "3"]
     sdpg.main(run_args(tiny, tmp_path / "grpo", *grpo))
     mixed_rewards(monkeypatch)  # the same rewards again
@@ -1418,14 +1419,16 @@ def test_step_metrics_over_two_ranks_equal_one_process(tmp_path):
     plain = lambda m: {k: v for k, v in m.items() if k not in ("decode_compiles", "cudagraph_skips")}
     assert plain(ranks[0]) == plain(ranks[1]) == plain(single)
     assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.5
-    assert single["kl_penalty"] == 0.25 and single["zero_spread_frac"] == 0.5 and single["correct_frac"] == 0.75
+    assert single["kl_penalty"] == 0.25 and single["zero_spread_frac"] == 0.5
+    assert single["correct_frac"] == 0.75  # +1, -1 and +1, +1
     assert single["rlsd_delta"] == 0.0 and single["rlsd_weight"] == pytest.approx(4.8 / 5)
     assert single["rlsd_clip_frac"] == pytest.approx(1 / 5)  # over the tokens RLSD scored, on all ranks
 
 
 def test_a_group_of_one_is_never_flat_and_rlsd_metrics_only_where_it_ran():
     sums, rewards, *rest = step_inputs([1])[0]  # rewards (+1, +1)
-    metrics = lambda g, s: sdpg.step_metrics(s, rewards, *rest, sdpg.Config(group_size=g), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    metrics = lambda g, s: sdpg.step_metrics(s, rewards, *rest, sdpg.Config(group_size=g), cpu)
     assert metrics(2, sums)["zero_spread_frac"] == 1.0 and metrics(1, sums)["zero_spread_frac"] == 0.0
     no_rlsd = {k: v for k, v in sums.items() if not k.startswith("rlsd")}
     assert metrics(2, sums)["rlsd_delta"] == 0.5 / 3 and metrics(2, no_rlsd)["rlsd_delta"] is None
@@ -1707,17 +1710,18 @@ def release():
 
 def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens): SDPG, plain GRPO
-    (--beta 0 --alpha 0) and Table 1's GRPO command, on the saved random model: the phases of steps
+    (--beta 0 --alpha 0) and Table 1's GRPO and RLSD commands, on the saved random model: the phases of steps
     2 and 3, and the KL penalty of step 1 (0 exactly while pi_old = pi_ref)."""
     fields = dict(sample_s=".2f", verify_s=".2f", ref_s=".2f", teacher_s=".2f", update_s=".2f", step_s=".2f",
                   peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f", kl_penalty=".2e")
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
             "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
             "--total-steps", "3"]
-    print("\nrandom weights: rewards ~0, so at the default flags (gate on) the teacher sees few samples")
+    print("\nrandom weights: rewards ~-1, so at the default flags (gate on) the teacher sees few samples")
     step_s = {}
     table1 = ["--beta", "0", "--alpha", "0", "--kl-reward", "1e-3", "--eps-high", "0.2", "--clip-c", "1000"]
-    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"]), ("table1-grpo", table1)):
+    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"]), ("table1-grpo", table1),
+                        ("table1-rlsd", readme_rlsd_flags())):
         out = os.path.join(root, name)
         default = sdpg.Config()
         print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
