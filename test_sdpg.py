@@ -1085,11 +1085,35 @@ def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
     assert rows[0]["kl_penalty"] == 0.0 != rows[1]["kl_penalty"]  # pi_old = pi_ref until the first update
 
 
-def readme_rlsd_flags():
-    """The RLSD command's flags in README's "Reproducing Table 1", after $COMMON and --task."""
+def readme_table1_flags():
+    """The commands of the README's "Reproducing Table 1" by --out-dir name: their flags after $COMMON,
+    less --task and --out-dir (the tiny run gives its own), with the shell loop's $KL filled in."""
     with open(os.path.join(HERE, "README.md")) as f:
-        flags = next(line for line in f if "--rlsd-lambda 0.5" in line).split()
-    return flags[:flags.index("--out-dir")]
+        readme = f.read()
+    section = readme[readme.index("## Reproducing Table 1"):]
+    block = section.split("```")[1].replace("\\\n", " ")
+    runs = {}
+    for line in block.splitlines():
+        if "sdpg.py $COMMON" in line:
+            words = line.split("sdpg.py $COMMON")[1].replace("; done", "").split()
+            name = os.path.basename(words[words.index("--out-dir") + 1])
+            flags = [w for i, w in enumerate(words)
+                     if w not in ("--task", "--out-dir") and words[i - 1] not in ("--task", "--out-dir")]
+            for kl in ("urkl", "ufkl") if "$KL" in line else ("",):
+                runs[name.replace("$KL", kl)] = [f.replace("$KL", kl) for f in flags]
+    return runs
+
+
+def readme_rlsd_flags():
+    return readme_table1_flags()["rlsd-4b"]
+
+
+@pytest.mark.parametrize("name", ["grpo-4b", "sdpg-urkl-4b", "sdpg-ufkl-4b"])  # rlsd-4b: the test below
+def test_readme_table1_commands_run_two_steps(tiny, tmp_path, name):
+    assert sorted(readme_table1_flags()) == ["grpo-4b", "rlsd-4b", "sdpg-ufkl-4b", "sdpg-urkl-4b"]
+    sdpg.main(run_args(tiny, tmp_path, *readme_table1_flags()[name]))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(finite_row(r) for r in rows)
 
 
 def mixed_rewards(monkeypatch):
