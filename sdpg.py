@@ -517,14 +517,14 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
 def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
     """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), the evidence weight
     w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]. As in the
-    authors' compute_rlsd_loss, Delta_t and sign(A_i) Delta_t are clamped to [-20, 20], and lam decays
-    (rlsd_lambda); the paper's lambda is constant. Per-token tensors of one shape -> A_t, Delta_t, w_t."""
+    authors' compute_rlsd_loss, Delta_t and sign(A_i) Delta_t are clamped to [-20, 20] and lam decays (the
+    paper's is constant). Per-token tensors of one shape (A_i expanded) -> A_t, Delta_t, unclipped w_t."""
     delta = (teacher_logp - old_logp).nan_to_num(0.0).clamp(-20.0, 20.0)
     weight = torch.exp((torch.sign(advantages) * delta).clamp(-20.0, 20.0))
     return (1 - lam) * advantages + lam * (advantages * weight.clamp(1 - eps_w, 1 + eps_w)), delta, weight
 
 
-def rlsd_lambda(step, lam, decay_steps):
+def rlsd_lambda_schedule(step, lam, decay_steps):
     """RLSD's lambda_k = lam max(0, 1 - k/T_lambda), the authors' decay (T_lambda = 0: App. B's constant)."""
     return (lam * max(0.0, 1 - step / decay_steps)) if decay_steps > 0 else lam
 
@@ -1054,7 +1054,7 @@ def train(cfg):
                                     for t, p in zip(texts, group)])                           # (S,)
         # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
         # where rho can differ from 1, or the KL in the reward or RLSD needs them
-        lambda_k = rlsd_lambda(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
+        lambda_k = rlsd_lambda_schedule(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
         with timed(timings, "ref_s", device):
             ref_logp = score_tokens(ref_model, prompts, responses, cfg, pad_id) if ref_model else None
             rollouts = Rollouts(prompts, [p["teacher_ids"] for p in group], responses, ref_logp=ref_logp)
@@ -1069,17 +1069,18 @@ def train(cfg):
         gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
-        # RLSD (App. B): where A_i != 0 (elsewhere A_t = 0), pi_old scores the teacher prompt (c, x) and A_i
-        # becomes per-token A_t (n,) on the device; the gate stays A_i's
-        moved, rlsd_sums = (rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []), {}
-        if moved:
+        # RLSD (App. B): where A_i != 0 (elsewhere A_t = 0) and lambda_k > 0, pi_old scores the teacher prompt
+        # (c, x), and A_i becomes per-token A_t, (n,) on the device; the gate stays A_i's
+        reweighted = rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []
+        rlsd_sums = {}
+        if reweighted:
             with timed(timings, "ref_s", device):
-                teacher_logp = score_tokens(model, [rollouts.teacher_ids[i] for i in moved],
-                                            [responses[i] for i in moved], cfg, pad_id)
+                teacher_logp = score_tokens(model, [rollouts.teacher_ids[i] for i in reweighted],
+                                            [responses[i] for i in reweighted], cfg, pad_id)
             a_t, delta, weight = rlsd_advantages(                                             # (n,) each
-                rollouts.per_token(rollouts.advantages, moved, device), torch.cat(teacher_logp),
-                rollouts.per_token(old_logp, moved, device), lam=lambda_k, eps_w=cfg.rlsd_eps_w)
-            by_sample = dict(zip(moved, a_t.split([len(responses[i]) for i in moved])))
+                rollouts.per_token(rollouts.advantages, reweighted, device), torch.cat(teacher_logp),
+                rollouts.per_token(old_logp, reweighted, device), lam=lambda_k, eps_w=cfg.rlsd_eps_w)
+            by_sample = dict(zip(reweighted, a_t.split([len(responses[i]) for i in reweighted])))
             rollouts.advantages = [by_sample.get(i, a) for i, a in enumerate(rollouts.advantages)]
             w_clip = weight.clamp(1 - cfg.rlsd_eps_w, 1 + cfg.rlsd_eps_w)
             rlsd_sums = dict(rlsd_tokens=len(a_t), rlsd_delta=delta.sum().item(),

@@ -157,11 +157,11 @@ def test_rlsd_advantages_by_hand():
 
 @pytest.mark.parametrize("step,lam", [(1, 0.49), (25, 0.25), (49, 0.01), (50, 0.0), (80, 0.0)])
 def test_rlsd_lambda_decays_to_zero_at_t_lambda(step, lam):
-    assert sdpg.rlsd_lambda(step, 0.5, 50) == pytest.approx(lam, abs=1e-15)  # the authors' decay, T = 50
-    assert sdpg.rlsd_lambda(step, 0.5, 0) == 0.5  # T_lambda = 0: Appendix B's constant lambda
+    assert sdpg.rlsd_lambda_schedule(step, 0.5, 50) == pytest.approx(lam, abs=1e-15)  # the authors' decay
+    assert sdpg.rlsd_lambda_schedule(step, 0.5, 0) == 0.5  # T_lambda = 0: Appendix B's constant lambda
     tokens = [(1.5, -0.5, -1.0), (-0.7, -0.5, -1.0), (1.5, -1.02, -1.0)]  # (A_i, teacher, old) a token
     a, teacher, old = torch.tensor(tokens, dtype=torch.float64).T
-    a_t, _, _ = sdpg.rlsd_advantages(a, teacher, old, sdpg.rlsd_lambda(step, 0.5, 50), 0.2)
+    a_t, _, _ = sdpg.rlsd_advantages(a, teacher, old, sdpg.rlsd_lambda_schedule(step, 0.5, 50), 0.2)
     want = [rlsd_by_hand(*x, 0.5 * max(0.0, 1 - step / 50), 0.2)[0] for x in tokens]
     assert torch.allclose(a_t, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
     if lam == 0:  # past T_lambda: A_t is A_i, bit for bit
