@@ -124,10 +124,6 @@ def test_beta_schedule_edges():
     assert sdpg.beta_schedule(0, 10, 1e-3, 0, 0) == 1e-3 and sdpg.beta_schedule(10, 10, 1e-3, 0, 5) == 0.0
 
 
-@pytest.mark.parametrize("mode,value,grad", [
-    ("urkl", lambda lw: 0.5 * lw ** 2, lambda lw: lw),
-    ("ufkl", lambda lw: torch.exp(-lw) + lw - 1, lambda lw: 1 - torch.exp(-lw)),
-])
 def rlsd_by_hand(a, teacher, old, lam, eps_w):
     """Appendix B for one token in float64, with the authors' clamps: (A_t, Delta_t, w_t)."""
     sign = (a > 0) - (a < 0)
@@ -168,6 +164,10 @@ def test_rlsd_lambda_decays_to_zero_at_t_lambda(step, lam):
         assert torch.equal(a_t, a)
 
 
+@pytest.mark.parametrize("mode,value,grad", [
+    ("urkl", lambda lw: 0.5 * lw ** 2, lambda lw: lw),
+    ("ufkl", lambda lw: torch.exp(-lw) + lw - 1, lambda lw: 1 - torch.exp(-lw)),
+])
 def test_ref_kl_penalty_value_and_gradient(mode, value, grad):
     logp = torch.tensor([-0.5, -2.0, -0.1], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([-0.7, -1.0, -0.1], dtype=torch.float64)
