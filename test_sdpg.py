@@ -1142,18 +1142,18 @@ def test_readme_rlsd_command_scores_the_teacher_only_where_a_is_nonzero(tiny, tm
     assert [r["rlsd_lambda"] for r in rows] == [0.49, 0.48] and all(finite_row(r) for r in rows)
     for step, row in enumerate(rows):
         (_, old), (teacher_prompts, teacher) = scored[2 * step: 2 * step + 2]  # pi_old on x, then on (c, x)
-        moved = advantages[step].nonzero().view(-1).tolist()
-        assert len(moved) == len(old) // 2 == len(teacher)  # the rows the teacher sees: A_i != 0 only
+        reweighted = advantages[step].nonzero().view(-1).tolist()
+        assert len(reweighted) == len(old) // 2 == len(teacher)  # the rows the teacher sees: A_i != 0 only
         assert all("[Hint]" in tok.decode(p) for p in teacher_prompts)
-        by_hand, delta = [], []
-        for j, i in enumerate(moved):  # A_t against Appendix B in float64, token by token
+        delta = []
+        for j, i in enumerate(reweighted):  # A_t against Appendix B in float64, token by token
             a_i = advantages[step][i].item()
             tokens = [rlsd_by_hand(a_i, t, o, row["rlsd_lambda"], 0.2)
                       for t, o in zip(teacher[j].tolist(), old[i].tolist())]
             assert torch.allclose(updates[step][i].double(), torch.tensor([t[0] for t in tokens]).double(),
                                   atol=1e-6)
             delta += [t[1] for t in tokens]
-        assert all(updates[step][i] == 0 for i in set(range(len(old))) - set(moved))
+        assert all(updates[step][i] == 0 for i in set(range(len(old))) - set(reweighted))
         assert row["rlsd_delta"] == pytest.approx(sum(delta) / len(delta), abs=1e-6)
         assert 0.8 <= row["rlsd_weight"] <= 1.2 and 0 <= row["rlsd_clip_frac"] <= 1
 
