@@ -69,6 +69,9 @@ class Config:
     eps_low: float = opt(0.2, "lower clip of the importance ratio", low=0, high=1)
     eps_high: float = opt(0.28, "upper clip of the importance ratio (DAPO clip-higher)", low=0)
     clip_c: float = opt(10.0, "dual-clip constant c for A < 0", low=1)
+    rlsd_lambda: float = opt(0.0, "RLSD's lambda (App. B; 0: off): weight of the reweighted A", low=0, high=1)
+    rlsd_decay: int = opt(50, "T_lambda: RLSD's lambda falls linearly to 0 at this step (0: constant)", low=0)
+    rlsd_eps_w: float = opt(0.2, "RLSD's evidence weight clipped to [1 - eps_w, 1 + eps_w]", low=0, high=1)
     # optimisation
     total_steps: int = opt(400, "T: training steps", low=1)
     lr: float = opt(1e-6, "AdamW learning rate", low=0)
@@ -479,20 +482,20 @@ def reference_answer(reference):
 
 
 def reward(response, reference, answer_format="boxed"):
-    """R = 1 if the response's final answer equals the reference (as exact numbers, else as
-    normalised strings), else 0. A response without a final answer in the format scores 0."""
+    """R = +1 if the response's final answer equals the reference (as exact numbers, else as normalised
+    strings), else -1, the authors' scale. A response without a final answer in the format scores -1."""
     predicted = final_answer(response, answer_format)
     predicted = None if predicted is None else normalise(predicted)
-    return float(predicted is not None and predicted == reference_answer(reference))
+    return 1.0 if predicted is not None and predicted == reference_answer(reference) else -1.0
 
 
 # --- The objective, one function per equation ---------------------------------------------------------------
 def group_advantages(rewards, group_size, eps_std=1e-6):
     """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as in the authors' code.
-    rewards: (B*G,) with each group contiguous. Groups of equal rewards, or of one, get A = 0."""
+    rewards: (B*G,) with each group contiguous. Groups of equal rewards get A = 0."""
     r = rewards.view(-1, group_size).to(torch.float64)                # (B, G)
-    if group_size == 1:
-        return torch.zeros_like(rewards)
+    if group_size == 1:  # verl's mean 0 and std 1 for a group of one: A_i = R_i / (1 + eps_std)
+        return (r / (1 + eps_std)).view(-1).to(rewards.dtype)
     std = r.std(dim=1, keepdim=True)                                    # (B, 1)
     adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps_std)           # (B, G)
     return torch.where(std > 0, adv, 0.0).view(-1).to(rewards.dtype)   # (B*G,)
@@ -528,6 +531,21 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
     if mode == "ufkl":
         return torch.exp(-log_w) + log_w - 1   # unnormalised forward KL: 1/w + log w - 1
     raise ValueError(f"unknown kl mode {mode!r}")
+
+
+def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
+    """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), the evidence weight
+    w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]. As in the
+    authors' compute_rlsd_loss, Delta_t and sign(A_i) Delta_t are clamped to [-20, 20] and lam decays (the
+    paper's is constant). Per-token tensors of one shape (A_i expanded) -> A_t, Delta_t, unclipped w_t."""
+    delta = (teacher_logp - old_logp).nan_to_num(0.0).clamp(-20.0, 20.0)
+    weight = torch.exp((torch.sign(advantages) * delta).clamp(-20.0, 20.0))
+    return (1 - lam) * advantages + lam * (advantages * weight.clamp(1 - eps_w, 1 + eps_w)), delta, weight
+
+
+def rlsd_lambda_schedule(step, lam, decay_steps):
+    """RLSD's lambda_k = lam max(0, 1 - k/T_lambda), the authors' decay (T_lambda = 0: App. B's constant)."""
+    return (lam * max(0.0, 1 - step / decay_steps)) if decay_steps > 0 else lam
 
 
 def importance_ratio(logp, old_logp):
@@ -712,11 +730,11 @@ def response_hidden(model, prompts, responses, pad_id):
     return hidden.reshape(-1, hidden.shape[-1])[rows]                                   # (N, H)
 
 
-def micro_batches(rollouts, indices, token_budget):
+def micro_batches(prompts, responses, indices, token_budget):
     """Consecutive runs of `indices` whose padded rows (count x longest prompt+response) fit the budget."""
     batches, current, longest = [], [], 0
     for i in indices:
-        length = len(rollouts.student_ids[i]) + len(rollouts.response_ids[i])
+        length = len(prompts[i]) + len(responses[i])
         if current and max(longest, length) * (len(current) + 1) > token_budget:
             batches.append(current)
             current, longest = [], 0
@@ -736,15 +754,19 @@ class Rollouts:
     ref_logp: list = None              # S tensors (|y_i|,), or None without a reference
     old_logp: list = None              # S tensors (|y_i|,), or None on-policy
 
+    def per_token(self, values, samples, device):
+        """values[i] of the samples, per-sample CPU values or (|y_i|,) tensors, as one (n,) on the device."""
+        return torch.cat([values[i].to(device).expand(len(self.response_ids[i])) for i in samples])
+
 
 @torch.no_grad()
-def score_tokens(model, rollouts, cfg, pad_id):
-    """log pi(y_t | x, y<t) under pi_ref or pi_old: S tensors (|y_i|,), by the head's chunks (no N x V)."""
+def score_tokens(model, prompts, responses, cfg, pad_id):
+    """log pi(y_t | prompt, y<t) under pi_ref or pi_old, the prompt x (or RLSD's teacher prompt (c, x)):
+    a tensor (|y_i|,) per response, by the head's chunks (no N x V), at the sampling temperature."""
     model.eval()  # pi_old is the policy, left in training mode by the last update
     weight, out = model.get_output_embeddings().weight, []
     w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
-    prompts, responses = rollouts.student_ids, rollouts.response_ids
-    for mb in micro_batches(rollouts, range(len(responses)), cfg.micro_batch_tokens):
+    for mb in micro_batches(prompts, responses, range(len(responses)), cfg.micro_batch_tokens):
         resp = [responses[i] for i in mb]
         hidden = response_hidden(model, [prompts[i] for i in mb], resp, pad_id).to(w.dtype)  # (n, H)
         tokens = torch.tensor(sum(resp, []), device=weight.device)                         # (n,)
@@ -768,21 +790,18 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
         n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
         n_tokens = all_reduce(torch.tensor(float(n_tokens), device=device)).item()  # over all ranks
         loss_sum = torch.zeros((), device=device)
-        for idx in micro_batches(r, minibatch, cfg.micro_batch_tokens):
-            take = lambda per_sample: [per_sample[i] for i in idx]
-            resp, gated = take(r.response_ids), [i for i in idx if r.kl_weight[i] != 0]
+        for idx in micro_batches(r.student_ids, r.response_ids, minibatch, cfg.micro_batch_tokens):
+            resp, gated = [r.response_ids[i] for i in idx], [i for i in idx if r.kl_weight[i] != 0]
             tokens = torch.tensor(sum(resp, []), device=device)                    # (n,)
-            # per-sample CPU values and per-token scores become (n,) tensors: the one crossing to the device
-            per_token = lambda xs: torch.cat([xs[i].expand(len(r.response_ids[i])) for i in idx]).to(device)
-            adv, kl_w = per_token(r.advantages), per_token(r.kl_weight)            # (n,) each
+            adv, kl_w = r.per_token(r.advantages, idx, device), r.per_token(r.kl_weight, idx, device)  # (n,)
             teacher = None
             if gated:
                 with timed(sums, "teacher_s", device), torch.no_grad():
                     teacher = response_hidden(model, [r.teacher_ids[i] for i in gated], resp[:len(gated)],
                                               pad_id)                              # (n_g, H)
-            ref = per_token(r.ref_logp) if r.ref_logp else None                    # (n,)
-            old = per_token(r.old_logp) if r.old_logp else None                    # (n,)
-            student = response_hidden(model, take(r.student_ids), resp, pad_id)    # (n, H)
+            ref = r.per_token(r.ref_logp, idx, device) if r.ref_logp else None     # (n,)
+            old = r.per_token(r.old_logp, idx, device) if r.old_logp else None     # (n,)
+            student = response_hidden(model, [r.student_ids[i] for i in idx], resp, pad_id)  # (n, H)
             loss, stats = sdpg_head_loss(
                 student, teacher, weight, tokens, adv, kl_w, old, ref, n_tokens, alpha=cfg.alpha,
                 kl_mode=cfg.kl_mode, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip_c=cfg.clip_c,
@@ -844,7 +863,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
         responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
                                 stop_ids, cfg.eval_samples == 1, "eval", longest)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = sum(reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, mine))
+        correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
         totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
         scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
         for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
@@ -885,19 +904,24 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
 def step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device):
     """The step's diagnostics, summed over ranks before dividing (means over the global batch)."""
     groups = rewards.view(-1, cfg.group_size)                                         # (B, G)
-    local = {k: sums[k] for k in "tokens kl teacher_tokens ref_kl entropy clipped approx_kl".split()}
+    local = {k: sums.get(k, 0.0) for k in "tokens kl teacher_tokens ref_kl entropy clipped approx_kl "
+             "rlsd_tokens rlsd_delta rlsd_weight rlsd_clipped".split()}  # RLSD's: over the tokens it scored
     local.update(reward=rewards.sum().item(), kl_penalty=penalty.sum().item(), samples=len(rewards),
-                 flat_groups=(groups.min(1).values == groups.max(1).values).sum().item(),
+                 flat_groups=(groups.amin(1) == groups.amax(1)).sum().item() * (cfg.group_size > 1),
                  gated=gate.sum().item(), truncated=sum(truncated))
     summed = all_reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
     t = dict(zip(local, summed))  # by name: a key added anywhere cannot shift the others
     longest = all_reduce(torch.tensor(float(max(map(len, responses))), device=device), "MAX")
     steps = max(1.0, sums["steps"])  # loss, grad norm and update counts are the same on every rank
     return dict(reward=t["reward"] / t["samples"], gate_ratio=t["gated"] / t["samples"],
-                zero_spread_frac=t["flat_groups"] * cfg.group_size / t["samples"],
+                correct_frac=(t["reward"] / t["samples"] + 1) / 2,  # the share of +1 rewards (the others -1)
+                zero_spread_frac=t["flat_groups"] * cfg.group_size / t["samples"],  # G = 1: never flat, A = R
                 opd_kl=t["kl"] / t["teacher_tokens"] if t["teacher_tokens"] else None,
                 ref_kl=t["ref_kl"] / t["tokens"] if cfg.alpha > 0 else None,
                 kl_penalty=t["kl_penalty"] / t["samples"] if cfg.kl_reward else None,
+                rlsd_delta=t["rlsd_delta"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,
+                rlsd_weight=t["rlsd_weight"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,
+                rlsd_clip_frac=t["rlsd_clipped"] / t["rlsd_tokens"] if t["rlsd_tokens"] else None,
                 clip_frac=t["clipped"] / t["tokens"], approx_kl=t["approx_kl"] / t["tokens"],
                 entropy=t["entropy"] / t["tokens"], response_len=t["tokens"] / t["samples"],
                 response_len_max=longest.item(), truncated_frac=t["truncated"] / t["samples"],
@@ -968,7 +992,7 @@ def load_run(cfg):
     if tokenizer.pad_token_id is None:  # pad with EOS; masks never depend on the pad id
         tokenizer.pad_token = tokenizer.eos_token
     train_set = build_prompts(tokenizer, load_problems(cfg.task, "train"), cfg.max_prompt_tokens,
-                              cfg.beta > 0, cfg.answer_format)
+                              cfg.beta > 0 or cfg.rlsd_lambda > 0, cfg.answer_format)
     eval_sets = {}
     for task in filter(None, (cfg.eval_task or cfg.task).split(",")):
         problems = build_prompts(tokenizer, load_problems(task, "test"), cfg.max_prompt_tokens, False,
@@ -1083,18 +1107,19 @@ def train(cfg):
             group = [p for p in step_prompts(train_set, step, cfg) for _ in range(G)]
             prompts = [p["student_ids"] for p in group]                                      # x
             responses, truncated = generate(sampler, prompts, cfg, pad_id, stop_ids, prompt_len=prompt_len)
-        # 2. verify: R_i = 1 if the final answer is right                             (l. 7)
+        # 2. verify: R_i = +1 if the final answer is right, else -1                  (l. 7)
         with timed(timings, "verify_s", device):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
                                     for t, p in zip(texts, group)])                           # (S,)
         # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
-        # where rho can differ from 1 or the KL in the reward needs them
+        # where rho can differ from 1, or the KL in the reward or RLSD needs them
+        lambda_k = rlsd_lambda_schedule(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
         with timed(timings, "ref_s", device):
-            rollouts = Rollouts(prompts, [p["teacher_ids"] for p in group], responses)
-            rollouts.ref_logp = score_tokens(ref_model, rollouts, cfg, pad_id) if ref_model else None
-            scored = cfg.ppo_minibatches > 1 or cfg.kl_reward
-            old_logp = score_tokens(model, rollouts, cfg, pad_id) if scored else None
+            ref_logp = score_tokens(ref_model, prompts, responses, cfg, pad_id) if ref_model else None
+            rollouts = Rollouts(prompts, [p["teacher_ids"] for p in group], responses, ref_logp=ref_logp)
+            scored = cfg.ppo_minibatches > 1 or cfg.kl_reward or lambda_k > 0
+            old_logp = score_tokens(model, prompts, responses, cfg, pad_id) if scored else None
             rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
         # 4. per-sample, on the CPU: group advantages (Eq. 2.1) of R_i less the KL penalty where it
         # is on (a flat group then has A != 0, as in verl), the gate (Eq. 3.5), beta(k) (Sec. 3.5.2)
@@ -1104,9 +1129,25 @@ def train(cfg):
         gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
+        # RLSD (App. B): where A_i != 0 (elsewhere A_t = 0) and lambda_k > 0, pi_old scores the teacher prompt
+        # (c, x), and A_i becomes per-token A_t, (n,) on the device; the gate stays A_i's
+        reweighted = rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []
+        rlsd_sums = {}
+        if reweighted:
+            with timed(timings, "ref_s", device):
+                teacher_logp = score_tokens(model, [rollouts.teacher_ids[i] for i in reweighted],
+                                            [responses[i] for i in reweighted], cfg, pad_id)
+            a_t, delta, weight = rlsd_advantages(                                             # (n,) each
+                rollouts.per_token(rollouts.advantages, reweighted, device), torch.cat(teacher_logp),
+                rollouts.per_token(old_logp, reweighted, device), lam=lambda_k, eps_w=cfg.rlsd_eps_w)
+            by_sample = dict(zip(reweighted, a_t.split([len(responses[i]) for i in reweighted])))
+            rollouts.advantages = [by_sample.get(i, a) for i, a in enumerate(rollouts.advantages)]
+            w_clip = weight.clamp(1 - cfg.rlsd_eps_w, 1 + cfg.rlsd_eps_w)
+            rlsd_sums = dict(rlsd_tokens=len(a_t), rlsd_delta=delta.sum().item(),
+                             rlsd_weight=w_clip.sum().item(), rlsd_clipped=(w_clip != weight).sum().item())
         # 5. update: teacher forward on the gated samples, student forward, fused head, AdamW
         with timed(timings, "update_s", device):
-            sums = update_policy(model, optimizer, rollouts, cfg, pad_id)
+            sums = update_policy(model, optimizer, rollouts, cfg, pad_id) | rlsd_sums
             scheduler.step()
             if sampler is not model:  # the bf16 sampling copy, refreshed in place
                 sampler.load_state_dict(model.state_dict())
@@ -1117,7 +1158,8 @@ def train(cfg):
                             f"stopping at step {step} (try a lower --lr)")
         # 6. log (metrics summed over ranks), evaluate, save
         row = dict(step=step, **step_metrics(sums, rewards, penalty, gate, responses, truncated, cfg, device),
-                   beta=beta_k, lr=lr, **timings, step_s=time.perf_counter() - t_step, accuracy=None)
+                   beta=beta_k, rlsd_lambda=lambda_k if cfg.rlsd_lambda > 0 else None, lr=lr, **timings,
+                   step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
             with timed(row, "eval_s", device):

@@ -94,20 +94,22 @@ def read_metrics(out):
 # The equations
 # ------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
-    r = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    mean = 0.25
-    std = math.sqrt(((1 - mean) ** 2 + 3 * mean ** 2) / 3)  # unbiased: divide by G - 1
+    r = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    mean = -0.5
+    std = math.sqrt(((1 - mean) ** 2 + 3 * (-1 - mean) ** 2) / 3)  # unbiased: divide by G - 1
     want = (r - mean) / (std + 1e-6)
     assert torch.allclose(sdpg.group_advantages(r, 4), want, atol=1e-6)
 
 
 def test_group_advantages_several_groups_equal_groups_and_g1():
-    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # groups of 3
+    r = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0, 1.0])  # groups of 3
     adv = sdpg.group_advantages(r, 3)
     assert torch.equal(adv[:3], torch.zeros(3)) and torch.equal(adv[3:6], torch.zeros(3))
-    std = torch.tensor([1.0, 0.0, 1.0]).std()
-    assert torch.allclose(adv[6:], (torch.tensor([1.0, 0.0, 1.0]) - 2 / 3) / (std + 1e-6), atol=1e-6)
-    assert torch.equal(sdpg.group_advantages(torch.tensor([1.0, 0.0]), 1), torch.zeros(2))
+    std = torch.tensor([1.0, -1.0, 1.0]).std()
+    assert torch.allclose(adv[6:], (torch.tensor([1.0, -1.0, 1.0]) - 1 / 3) / (std + 1e-6), atol=1e-6)
+    # a group of one: verl's mean 0 and std 1, so A_i = R_i (over 1 + 1e-6), never 0
+    one = sdpg.group_advantages(torch.tensor([1.0, -1.0, -1.0]), 1)
+    assert torch.equal(one, (torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64) / (1 + 1e-6)).float())
     assert sdpg.group_advantages(r, 3).shape == r.shape
 
 
@@ -120,6 +122,46 @@ def test_beta_schedule_edges():
     assert max(b(k, T=100, w=60, d=60) for k in range(101)) < 1e-3
     assert b(30, T=100, w=60, d=60) == pytest.approx(1e-3 * 0.5)
     assert sdpg.beta_schedule(0, 10, 1e-3, 0, 0) == 1e-3 and sdpg.beta_schedule(10, 10, 1e-3, 0, 5) == 0.0
+
+
+def rlsd_by_hand(a, teacher, old, lam, eps_w):
+    """Appendix B for one token in float64, with the authors' clamps: (A_t, Delta_t, w_t)."""
+    sign = (a > 0) - (a < 0)
+    delta = min(20.0, max(-20.0, teacher - old))
+    w = math.exp(min(20.0, max(-20.0, sign * delta)))
+    return (1 - lam) * a + lam * a * min(1 + eps_w, max(1 - eps_w, w)), delta, w
+
+
+def test_rlsd_advantages_by_hand():
+    # A_i > 0 and A_i < 0, each with its weight clipped above, inside and clipped below; A_i = 0; Delta
+    # past 20; verl's defaults lam 0.49 (step 1), eps_w 0.2
+    a = [1.5, 1.5, 1.5, -0.7, -0.7, -0.7, 0.0, 0.0, 2.0]
+    teacher = [-0.5, -1.0, -3.0, -3.0, -1.0, -0.5, -0.2, -5.0, -0.1]
+    old = [-1.0, -1.05, -1.0, -1.0, -1.05, -1.0, -2.0, -1.0, -40.0]
+    got = sdpg.rlsd_advantages(*(torch.tensor(x, dtype=torch.float64) for x in (a, teacher, old)), 0.49, 0.2)
+    want = torch.tensor([rlsd_by_hand(*x, 0.49, 0.2) for x in zip(a, teacher, old)], dtype=torch.float64).T
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-14, atol=1e-14)
+    a_t, delta, weight = got
+    clipped_above, clipped_below = weight > 1.2, weight < 0.8
+    assert clipped_above.tolist() == [True, False, False, True, False, False, False, False, True]
+    assert clipped_below.tolist() == [False, False, True, False, False, True, False, False, False]
+    assert a_t[6:8].eq(0).all() and weight[6:8].eq(1).all() and delta[8] == 20.0  # A_i = 0 stays 0
+    assert a_t[0].item() == pytest.approx(1.5 * (0.51 + 0.49 * 1.2), rel=1e-14)
+    assert a_t[5].item() == pytest.approx(-0.7 * (0.51 + 0.49 * 0.8), rel=1e-14)
+
+
+@pytest.mark.parametrize("step,lam", [(1, 0.49), (25, 0.25), (49, 0.01), (50, 0.0), (80, 0.0)])
+def test_rlsd_lambda_decays_to_zero_at_t_lambda(step, lam):
+    assert sdpg.rlsd_lambda_schedule(step, 0.5, 50) == pytest.approx(lam, abs=1e-15)  # the authors' decay
+    assert sdpg.rlsd_lambda_schedule(step, 0.5, 0) == 0.5  # T_lambda = 0: Appendix B's constant lambda
+    tokens = [(1.5, -0.5, -1.0), (-0.7, -0.5, -1.0), (1.5, -1.02, -1.0)]  # (A_i, teacher, old) a token
+    a, teacher, old = torch.tensor(tokens, dtype=torch.float64).T
+    a_t, _, _ = sdpg.rlsd_advantages(a, teacher, old, sdpg.rlsd_lambda_schedule(step, 0.5, 50), 0.2)
+    want = [rlsd_by_hand(*x, 0.5 * max(0.0, 1 - step / 50), 0.2)[0] for x in tokens]
+    assert torch.allclose(a_t, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
+    if lam == 0:  # past T_lambda: A_t is A_i, bit for bit
+        assert torch.equal(a_t, a)
 
 
 @pytest.mark.parametrize("mode,value,grad", [
@@ -519,7 +561,7 @@ def test_teacher_runs_only_on_gated_samples(tiny, monkeypatch):
     gated = [len(rollouts.response_ids[i]) for i in (0, 2, 7)]
     assert sorted(rows) == sorted(gated) and sums["teacher_tokens"] == sum(gated)
     assert model.training  # left so by the update; pi_old is scored in eval mode (no dropout)
-    sdpg.score_tokens(model, rollouts, cfg, 0)
+    sdpg.score_tokens(model, rollouts.student_ids, rollouts.response_ids, cfg, 0)
     assert not model.training
 
 
@@ -657,7 +699,7 @@ def test_reused_cache_keeps_its_storage_and_gives_fresh_cache_tokens():
 # Verifier
 # ------------------------------------------------------------------------------------------
 B, H = "boxed", "hash"
-VERIFIER_CASES = [  # (response, reference, format, reward)
+VERIFIER_CASES = [  # (response, reference, format, right)
     # the prediction: the last \boxed{} (balanced braces, \fbox too), else a final 'Answer: X'
     (r"so \boxed{42}.", "42", B, 1), (r"\boxed{41}", "42", B, 0), (r"\boxed{3} then \boxed{4}", "4", B, 1),
     (r"\boxed{4} then \boxed{3}", "4", B, 0), (r"\boxed{\frac{1}{2}}", "1/2", B, 1), (r"\fbox{9}", "9", B, 1),
@@ -702,7 +744,7 @@ VERIFIER_CASES = [  # (response, reference, format, reward)
 
 @pytest.mark.parametrize("response,reference,answer_format,want", VERIFIER_CASES)
 def test_verifier(response, reference, answer_format, want):
-    assert sdpg.reward(response, reference, answer_format) == want
+    assert sdpg.reward(response, reference, answer_format) == (1.0 if want else -1.0)  # the authors' scale
 
 
 def test_normalise_numbers_and_strings():
@@ -797,17 +839,17 @@ def test_teacher_prompt_holds_context_and_responses_align(tiny):
     # the hidden states picked for each response token predict exactly that token
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64)
     responses = [[5, 9, im_end], [7, eos]]
-    prompts = [p["student_ids"] for p in built]
-    roll = sdpg.Rollouts(prompts, [p["teacher_ids"] for p in built], responses, None, None)
+    prompts, teacher_prompts = [p["student_ids"] for p in built], [p["teacher_ids"] for p in built]
     cfg = sdpg.Config(micro_batch_tokens=10**6)
-    got = sdpg.score_tokens(model, roll, cfg, eos)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
-        want = logits[len(p) - 1: len(p) - 1 + len(r)].gather(1, torch.tensor(r)[:, None]).squeeze(1)
-        assert torch.allclose(got[i].double(), want, atol=1e-5)
+    for given in (prompts, teacher_prompts):  # pi_ref and pi_old score after x; RLSD's teacher after (c, x)
+        got = sdpg.score_tokens(model, given, responses, cfg, eos)
+        for i, (p, r) in enumerate(zip(given, responses)):
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
+            want = logits[len(p) - 1: len(p) - 1 + len(r)].gather(1, torch.tensor(r)[:, None]).squeeze(1)
+            assert torch.allclose(got[i].double(), want, atol=1e-5)
     # teacher rows: same response ids after a different prompt
     hs = sdpg.response_hidden(model, prompts, responses, eos)
-    ht = sdpg.response_hidden(model, roll.teacher_ids, responses, eos)
+    ht = sdpg.response_hidden(model, teacher_prompts, responses, eos)
     assert hs.shape == ht.shape == (5, model.config.hidden_size) and not torch.allclose(hs, ht)
 
 
@@ -908,8 +950,8 @@ def test_long_prompts_are_skipped_with_a_warning(tiny, capsys):
 
 def test_micro_batches_respect_the_budget():
     lengths = {7: 5, 2: 9, 5: 3, 0: 12, 3: 4, 1: 4}  # sample: prompt + response tokens
-    rollouts = sdpg.Rollouts([[0] * 2] * 8, None, [[0] * (lengths.get(i, 2) - 2) for i in range(8)])
-    batches = sdpg.micro_batches(rollouts, list(lengths), 20)
+    prompts, responses = [[0] * 2] * 8, [[0] * (lengths.get(i, 2) - 2) for i in range(8)]
+    batches = sdpg.micro_batches(prompts, responses, list(lengths), 20)
     assert batches == [[7, 2], [5], [0], [3, 1]]  # in order; 2 x 9 fits, then 3 x 9 and 2 x 12 would not
     assert all(len(b) * max(lengths[i] for i in b) <= 20 for b in batches)
 
@@ -950,9 +992,10 @@ def test_learning_raises_reward(tiny, tmp_path):
                "--eval-n", "8", "--eval-every", "0", "--save-every", "0", "--lr", "1e-2", "--lr-warmup", "1",
                "--beta", "0.01", "--beta-warmup", "0", "--beta-decay", "0", "--ppo-minibatches", "1",
                "--answer-format", "hash"])  # the tokenizer has '#### 7' as one token
-    rewards = [r["reward"] for r in read_metrics(out)[1:]]
-    assert sum(rewards[:4]) / 4 < 0.1 and sum(rewards[-5:]) / 5 > 0.3, rewards
     rows = read_metrics(out)[1:]
+    rewards = [r["reward"] for r in rows]  # +1/-1: the share right is (reward + 1) / 2
+    assert sum(rewards[:4]) / 4 < -0.8 and sum(rewards[-5:]) / 5 > -0.4, rewards
+    assert all(r["correct_frac"] == pytest.approx((r["reward"] + 1) / 2) for r in rows)
     assert any(r["teacher_tokens"] > 0 and r["opd_kl"] is not None for r in rows)  # distillation ran
 
 
@@ -1090,10 +1133,10 @@ def test_kl_in_reward_by_hand():
     ref = [torch.tensor(x) for x in ([-1.5, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-2.5])]
     penalty = sdpg.kl_in_reward(old, ref, 0.1)
     assert torch.allclose(penalty, torch.tensor([0.05, 0.0, -0.2, 0.05]))  # 0.1 * sum_t (old - ref)
-    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    shaped = (rewards - penalty).double()  # groups of 2: (0.95, 0.0) and (1.2, 0.95)
+    rewards = torch.tensor([1.0, -1.0, 1.0, 1.0])  # +1 right, -1 wrong: the penalty weighs as in verl
+    shaped = (rewards - penalty).double()  # groups of 2: (0.95, -1.0) and (1.2, 0.95)
     by_hand = []
-    for a, b in ((0.95, 0.0), (1.2, 0.95)):
+    for a, b in ((0.95, -1.0), (1.2, 0.95)):
         mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # the unbiased std of two values
         by_hand += [(a - mean) / (std + 1e-6), (b - mean) / (std + 1e-6)]
     adv = sdpg.group_advantages(rewards - penalty, 2)
@@ -1121,10 +1164,121 @@ def test_grpo_baseline_with_kl_in_reward(tiny, tmp_path, monkeypatch):
         ref, old = scored[2 * step], scored[2 * step + 1]
         penalty = torch.stack([0.5 * (o - r).sum() for o, r in zip(old, ref)])
         rewards = seen[step] + penalty  # what group_advantages was given, plus the penalty back
-        assert set(rewards.tolist()) <= {0.0, 1.0} or torch.allclose(rewards, rewards.round(), atol=1e-5)
+        assert torch.allclose(rewards.abs(), torch.ones(len(rewards)), atol=1e-5)  # +1 or -1
         assert row["kl_penalty"] == pytest.approx(penalty.mean().item(), rel=1e-5, abs=1e-9)
         assert row["reward"] == pytest.approx(rewards.round().mean().item())  # the verifier's score
     assert rows[0]["kl_penalty"] == 0.0 != rows[1]["kl_penalty"]  # pi_old = pi_ref until the first update
+
+
+def readme_table1_flags():
+    """The commands of the README's "Reproducing Table 1" by --out-dir name: their flags after $COMMON,
+    less --task and --out-dir (the tiny run gives its own), with the shell loop's $KL filled in."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Reproducing Table 1"):]
+    block = section.split("```")[1].replace("\\\n", " ")
+    runs = {}
+    for line in block.splitlines():
+        if "sdpg.py $COMMON" in line:
+            words = line.split("sdpg.py $COMMON")[1].replace("; done", "").split()
+            name = os.path.basename(words[words.index("--out-dir") + 1])
+            flags = [w for i, w in enumerate(words)
+                     if w not in ("--task", "--out-dir") and words[i - 1] not in ("--task", "--out-dir")]
+            for kl in ("urkl", "ufkl") if "$KL" in line else ("",):
+                runs[name.replace("$KL", kl)] = [f.replace("$KL", kl) for f in flags]
+    return runs
+
+
+def readme_rlsd_flags():
+    return readme_table1_flags()["rlsd-4b"]
+
+
+@pytest.mark.parametrize("name", ["grpo-4b", "sdpg-urkl-4b", "sdpg-ufkl-4b"])  # rlsd-4b: the test below
+def test_readme_table1_commands_run_two_steps(tiny, tmp_path, name):
+    assert sorted(readme_table1_flags()) == ["grpo-4b", "rlsd-4b", "sdpg-ufkl-4b", "sdpg-urkl-4b"]
+    sdpg.main(run_args(tiny, tmp_path, *readme_table1_flags()[name]))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(finite_row(r) for r in rows)
+
+
+def mixed_rewards(monkeypatch):
+    """A verifier of +1/-1 in a fixed cycle (evaluation takes 4 at step 0): of the groups of 4, the first
+    of each step is flat (A_i = 0) and the second has spread; so are the third and fourth."""
+    import itertools
+    cycle = itertools.cycle([1.0, -1.0, -1.0, -1.0] + [-1.0] * 4)
+    monkeypatch.setattr(sdpg, "reward", lambda *a: next(cycle))
+
+
+def test_readme_rlsd_command_scores_the_teacher_only_where_a_is_nonzero(tiny, tmp_path, monkeypatch):
+    flags = readme_rlsd_flags()
+    assert flags == "--beta 0 --alpha 0 --rlsd-lambda 0.5 --eps-high 0.2 --clip-c 3".split()
+    assert (sdpg.Config.rlsd_decay, sdpg.Config.rlsd_eps_w) == (50, 0.2)  # the rest of the authors' script
+    mixed_rewards(monkeypatch)
+    scored, advantages, updates = [], [], []
+    real_score, real_adv, real_update = sdpg.score_tokens, sdpg.group_advantages, sdpg.update_policy
+    monkeypatch.setattr(sdpg, "score_tokens", lambda m, p, r, *a: scored.append((p, real_score(m, p, r, *a)))
+                        or scored[-1][1])
+    monkeypatch.setattr(sdpg, "group_advantages",
+                        lambda *a: advantages.append(real_adv(*a)) or advantages[-1])
+    monkeypatch.setattr(sdpg, "update_policy", lambda m, o, r, *a: updates.append(list(r.advantages))
+                        or real_update(m, o, r, *a))
+    sdpg.main(run_args(tiny, tmp_path, *flags))
+    rows, tok = read_metrics(tmp_path)[1:], make_tokenizer()
+    assert [r["rlsd_lambda"] for r in rows] == [0.49, 0.48] and all(finite_row(r) for r in rows)
+    for step, row in enumerate(rows):
+        (_, old), (teacher_prompts, teacher) = scored[2 * step: 2 * step + 2]  # pi_old on x, then on (c, x)
+        reweighted = advantages[step].nonzero().view(-1).tolist()
+        assert len(reweighted) == len(old) // 2 == len(teacher)  # the rows the teacher sees: A_i != 0 only
+        assert all("[Hint]" in tok.decode(p) for p in teacher_prompts)
+        delta = []
+        for j, i in enumerate(reweighted):  # A_t against Appendix B in float64, token by token
+            a_i = advantages[step][i].item()
+            tokens = [rlsd_by_hand(a_i, t, o, row["rlsd_lambda"], 0.2)
+                      for t, o in zip(teacher[j].tolist(), old[i].tolist())]
+            assert torch.allclose(updates[step][i].double(), torch.tensor([t[0] for t in tokens]).double(),
+                                  atol=1e-6)
+            delta += [t[1] for t in tokens]
+        assert all(updates[step][i] == 0 for i in set(range(len(old))) - set(reweighted))
+        assert row["rlsd_delta"] == pytest.approx(sum(delta) / len(delta), abs=1e-6)
+        assert 0.8 <= row["rlsd_weight"] <= 1.2 and 0 <= row["rlsd_clip_frac"] <= 1
+
+
+def test_rlsd_past_t_lambda_updates_as_plain_grpo_bit_for_bit(tiny, tmp_path, monkeypatch):
+    """Past T_lambda (lambda_k = 0) A_t = A_i: the run is GRPO's, and scores no teacher prompt."""
+    from safetensors.torch import load_file
+    mixed_rewards(monkeypatch)
+    prompts_scored = []
+    real_score = sdpg.score_tokens
+    monkeypatch.setattr(sdpg, "score_tokens",
+                        lambda m, p, *a: prompts_scored.extend(p) or real_score(m, p, *a))
+    grpo = ["--beta", "0", "--alpha", "0", "--eps-high", "0.2", "--clip-c", "3"]
+    sdpg.main(run_args(tiny, tmp_path / "grpo", *grpo))
+    mixed_rewards(monkeypatch)  # the same rewards again
+    sdpg.main(run_args(tiny, tmp_path / "rlsd", *grpo, "--rlsd-lambda", "0.5", "--rlsd-decay", "1"))
+    a, b = (load_file(tmp_path / d / "checkpoint-2" / "model.safetensors") for d in ("grpo", "rlsd"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_metrics(tmp_path / "rlsd")[1:]
+    assert [r["rlsd_lambda"] for r in rows] == [0.0, 0.0] and all(r["rlsd_delta"] is None for r in rows)
+    assert not any("[Hint]" in make_tokenizer().decode(p) for p in prompts_scored)
+    assert any(r["grad_norm"] > 0 for r in read_metrics(tmp_path / "grpo")[1:])  # the update is not empty
+
+
+def test_per_token_advantages_reach_the_head_as_per_sample_ones(tiny):
+    """update_policy takes a (|y_i|,) tensor of A_t in place of a sample's A_i: constant, the same update."""
+    from transformers import AutoModelForCausalLM
+    steps = []
+    for per_token in (False, True, "one token moved"):
+        model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64)
+        rollouts = injected_rollouts(tiny["model"])
+        if per_token:
+            rollouts.advantages = [a.expand(len(r)).clone() for a, r in zip(rollouts.advantages,
+                                                                              rollouts.response_ids)]
+        if per_token == "one token moved":
+            rollouts.advantages[0][0] += 0.5
+        cfg = sdpg.Config(ppo_minibatches=1, grad_clip=1e9)
+        sdpg.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), rollouts, cfg, 0)
+        steps.append(torch.cat([p.detach().flatten() for p in model.parameters()]))  # SGD: minus the gradient
+    assert torch.equal(steps[0], steps[1]) and not torch.allclose(steps[0], steps[2], rtol=0, atol=1e-9)
 
 
 class OnDevice(torch.Tensor):
@@ -1393,9 +1547,10 @@ def step_inputs(ranks):
     out = []
     for rank in ranks:
         sums = dict(tokens=8.0 + rank, kl=0.5 * rank, teacher_tokens=2.0 + rank, ref_kl=0.1,
-                    entropy=3.0 + rank, clipped=rank, approx_kl=0.01,
-                    loss=0.7, grad_norm=1.5, steps=1.0, skipped=1.0)
-        rewards, penalty = torch.tensor([1.0, float(rank)]), torch.tensor([0.25, rank / 2])
+                    entropy=3.0 + rank, clipped=rank, approx_kl=0.01, loss=0.7, grad_norm=1.5, steps=1.0,
+                    skipped=1.0, rlsd_tokens=2.0 + rank, rlsd_delta=-0.5 + rank, rlsd_weight=1.9 + rank,
+                    rlsd_clipped=rank)
+        rewards, penalty = torch.tensor([1.0, 2.0 * rank - 1]), torch.tensor([0.25, rank / 2])
         out.append((sums, rewards, penalty, torch.tensor([1.0, 0.0]), [[5] * (3 + 4 * rank), [5] * 5],
                     [False, rank == 1]))
     return out
@@ -1424,8 +1579,20 @@ def test_step_metrics_over_two_ranks_equal_one_process(tmp_path):
     # the compile counters are this process's own, and earlier tests may have compiled in it
     plain = lambda m: {k: v for k, v in m.items() if k not in ("decode_compiles", "cudagraph_skips")}
     assert plain(ranks[0]) == plain(ranks[1]) == plain(single)
-    assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.75
+    assert single["skipped_updates"] == 1 and single["response_len_max"] == 7 and single["reward"] == 0.5
     assert single["kl_penalty"] == 0.25 and single["zero_spread_frac"] == 0.5
+    assert single["correct_frac"] == 0.75  # +1, -1 and +1, +1
+    assert single["rlsd_delta"] == 0.0 and single["rlsd_weight"] == pytest.approx(4.8 / 5)
+    assert single["rlsd_clip_frac"] == pytest.approx(1 / 5)  # over the tokens RLSD scored, on all ranks
+
+
+def test_a_group_of_one_is_never_flat_and_rlsd_metrics_only_where_it_ran():
+    sums, rewards, *rest = step_inputs([1])[0]  # rewards (+1, +1)
+    cpu = torch.device("cpu")
+    metrics = lambda g, s: sdpg.step_metrics(s, rewards, *rest, sdpg.Config(group_size=g), cpu)
+    assert metrics(2, sums)["zero_spread_frac"] == 1.0 and metrics(1, sums)["zero_spread_frac"] == 0.0
+    no_rlsd = {k: v for k, v in sums.items() if not k.startswith("rlsd")}
+    assert metrics(2, sums)["rlsd_delta"] == 0.5 / 3 and metrics(2, no_rlsd)["rlsd_delta"] is None
 
 
 def zero_worker(rank, world, store, model_dir, out_dir):
@@ -1704,17 +1871,18 @@ def release():
 
 def bench_sdpg_steps(model_dir, root, steps=(2, 3)):
     """sdpg.main for 3 steps at the default flags (responses capped at 256 tokens): SDPG, plain GRPO
-    (--beta 0 --alpha 0) and Table 1's GRPO command, on the saved random model: the phases of steps
+    (--beta 0 --alpha 0) and Table 1's GRPO and RLSD commands, on the saved random model: the phases of steps
     2 and 3, and the KL penalty of step 1 (0 exactly while pi_old = pi_ref)."""
     fields = dict(sample_s=".2f", verify_s=".2f", ref_s=".2f", teacher_s=".2f", update_s=".2f", step_s=".2f",
                   peak_gpu_gb=".1f", teacher_tokens=".0f", response_len=".1f", kl_penalty=".2e")
     args = ["--model", model_dir, "--task", write_problems(os.path.join(root, "problems.jsonl")),
             "--max-response-tokens", "256", "--eval-n", "8", "--eval-every", "0", "--save-every", "0",
             "--total-steps", "3"]
-    print("\nrandom weights: rewards ~0, so at the default flags (gate on) the teacher sees few samples")
+    print("\nrandom weights: rewards ~-1, so at the default flags (gate on) the teacher sees few samples")
     step_s = {}
     table1 = ["--beta", "0", "--alpha", "0", "--kl-reward", "1e-3", "--eps-high", "0.2", "--clip-c", "1000"]
-    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"]), ("table1-grpo", table1)):
+    for name, extra in (("sdpg", []), ("grpo", ["--beta", "0", "--alpha", "0"]), ("table1-grpo", table1),
+                        ("table1-rlsd", readme_rlsd_flags())):
         out = os.path.join(root, name)
         default = sdpg.Config()
         print(f"\n{name}: sdpg.main: --model <random, saved> --task <write_problems jsonl> "
