@@ -25,16 +25,19 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def make_tokenizer(pad=True):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     prompts = ("".join(sum(sdpg.ANSWER_FORMATS.values(), ()))
                + sdpg.STUDENT_PROMPT + sdpg.HINT + sdpg.HINT_SOLUTION)
     chars = sorted(set(prompts + "0123456789+-*/=?.,$#{}\\ \n"
                        + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:[]()'"))
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    # one token a character, in byte-level form (' ' is 'Ġ'): transformers >= 5 reloads a qwen2
+    # checkpoint's tokenizer as Qwen2Tokenizer whatever tokenizer_class says, and that class rebuilds a
+    # byte-level BPE from the vocabulary, so the ids and the whitespace stay the same on every release
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {"<unk>": 0, **{byte_level.pre_tokenize_str(c)[0][0]: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = byte_level, decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
                                    additional_special_tokens=SPECIALS[1:])
     fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
@@ -877,6 +880,17 @@ def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, 
     decoded = {tok.decode(ids) for batch in seen for ids in batch}
     assert any("[Hint]" in t for t in decoded)  # the teacher ran with the context ...
     assert all("TEACHER_CONTEXT" not in t for t in decoded)  # ... never with the marker
+
+
+def test_the_tokenizer_train_loads_is_the_one_the_tests_build(tiny):
+    """Through AutoTokenizer, as train loads it, a prompt keeps its spaces and newline: one id a character."""
+    from transformers import AutoTokenizer
+    built, loaded = make_tokenizer(), AutoTokenizer.from_pretrained(tiny["model"])
+    ids = loaded("a b\nc", add_special_tokens=False)["input_ids"]
+    assert ids == built("a b\nc", add_special_tokens=False)["input_ids"] and len(ids) == 5
+    assert loaded.decode(ids) == "a b\nc"
+    chat = [dict(role="user", content="Tom has 3 pens.\n#### 7")]
+    assert sdpg.chat_prompt(loaded, chat) == sdpg.chat_prompt(built, chat)
 
 
 def test_chat_prompt_without_a_template_is_the_plain_text():
