@@ -596,33 +596,60 @@ def test_cuda_graph_decode_and_bf16_greedy_matches_hf(monkeypatch):
 
 def counting_decode(monkeypatch):
     """The decode step compiled on the CPU by a backend that counts its graphs (and runs them
-    eagerly); sdpg's own count starts from zero."""
-    graphs = []
+    eagerly); sdpg's own count starts from zero. Returns the graphs, and the (rows, slots, greedy) of
+    each decode_rows call: its decode step's shape and mode."""
+    graphs, shapes = [], []
     backend = lambda gm, example_inputs: graphs.append(gm) or gm.forward
     compiled = sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False)
     monkeypatch.setattr(sdpg, "graphed_decode_step", compiled)
     monkeypatch.setattr(sdpg, "COMPILES", sdpg.collections.Counter())
-    return graphs
+    real_decode_rows = sdpg.decode_rows
+
+    def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len):
+        shapes.append((len(prompts), decode_slots(prompt_len, cfg), greedy))
+        return real_decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
+    monkeypatch.setattr(sdpg, "decode_rows", decode_rows)
+    return graphs, shapes
+
+
+def decode_slots(prompt_len, cfg):
+    """The static cache's slots: prompt and response, rounded up to 16 (as in decode_rows)."""
+    return -(-(prompt_len + cfg.max_response_tokens) // 16) * 16
+
+
+def expected_shape(model, cfg, prompts, rows, greedy):
+    """(rows, slots, greedy) of generate's calls for a set: as many of its rows as the budget holds."""
+    width = max(map(len, prompts))
+    row_bytes = sdpg.sampler_row_bytes(model, width + cfg.max_response_tokens + 16)
+    return min(int(cfg.sample_memory_mb * 2**20) // row_bytes, rows), decode_slots(width, cfg), greedy
 
 
 def test_decode_compiles_once_per_set_and_mode(tiny, tmp_path, monkeypatch):
     import dataclasses
-    graphs = counting_decode(monkeypatch)
+    graphs, shapes = counting_decode(monkeypatch)
     # 3 steps of 16 rows over prompts of different lengths, split by a budget of about 9 rows,
     # greedy evaluation at steps 0, 2 and 3
-    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--total-steps", "3", "--sample-memory-mb", "0.5",
+    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--total-steps", "3", "--sample-memory-mb", "1.2",
                                    "--eval-every", "2"))
     model = sdpg.train(cfg)
     (rows, _), = model.sdpg_kv_caches  # the training cache alone is held; evaluation's was released
     assert rows < 16 and 16 % rows  # the rows were split, and the last call filled up
-    assert len(graphs) == sdpg.COMPILES["decode_step"] == 2  # one training shape, one greedy evaluation
-    assert [r["decode_compiles"] for r in read_metrics(tmp_path)[1:]] == [2, 2, 2]
     tok = make_tokenizer()
+    prompts = lambda split: [p["student_ids"] for p in
+                             sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], split), 4096, False)]
+    train_prompts, eval_prompts = prompts("train"), prompts("test")[:4]
+    # training: its widest prompt, 16 rows a step, sampled; evaluation: its own width, 4 rows, greedy.
+    # Where two shapes coincide (on some transformers releases) they share one graph
+    expected = {expected_shape(model, cfg, train_prompts, 16, False),
+                expected_shape(model, cfg, eval_prompts, 4, True)}
+    assert set(shapes) == expected and len(graphs) == sdpg.COMPILES["decode_step"] == len(expected)
+    assert [r["decode_compiles"] for r in read_metrics(tmp_path)[1:]] == [len(expected)] * 3
     problems = sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], "test"), 4096, False)[:4]
-    for _ in range(2):  # mean@k samples: one more shape, compiled once
-        mean_at_2 = dataclasses.replace(cfg, eval_samples=2)
+    mean_at_2 = dataclasses.replace(cfg, eval_samples=2)
+    for _ in range(2):  # mean@k samples: evaluation's width, 8 rows, sampled: compiled once
         sdpg.evaluate(model, tok, {"set": problems}, mean_at_2, [tok.eos_token_id])
-    assert len(graphs) == sdpg.COMPILES["decode_step"] == 3
+    expected.add(expected_shape(model, cfg, eval_prompts, 8, False))
+    assert set(shapes) == expected and len(graphs) == sdpg.COMPILES["decode_step"] == len(expected)
 
 
 def test_a_failed_compile_is_one_notice_then_eager(capsys):
