@@ -652,6 +652,23 @@ def test_decode_compiles_once_per_set_and_mode(tiny, tmp_path, monkeypatch):
     assert set(shapes) == expected and len(graphs) == sdpg.COMPILES["decode_step"] == len(expected)
 
 
+def test_more_sets_than_dynamos_recompile_limit_compile_once_each(tiny, tmp_path, monkeypatch, capsys):
+    graphs, shapes = counting_decode(monkeypatch)
+    # nine evaluation sets, each a prompt 16 characters wider than the last: with training, 10 shapes
+    sets = [write_json(tmp_path / f"set{k}.jsonl", [dict(question="Go" + "." * 16 * k, answer="7")])
+            for k in range(9)]
+    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--eval-task", ",".join(sets), "--total-steps", "1"))
+    model = sdpg.train(cfg)
+    assert len(set(shapes)) == len(graphs) == sdpg.COMPILES["decode_step"] == 10 > 8
+    assert torch._dynamo.config.recompile_limit == 8  # torch's own setting, outside sdpg's calls
+    assert "notice:" not in capsys.readouterr().err
+    # a shape past the run's sets: one notice, and the decode step runs eagerly from then on
+    prompt = make_tokenizer()("Go", add_special_tokens=False)["input_ids"]
+    for width in (300, 400):
+        sdpg.generate(model, [prompt], cfg, 0, [0], greedy=True, prompt_len=width)
+    assert capsys.readouterr().err.count("notice: decode_step runs eagerly") == 1 and len(graphs) == 10
+
+
 def test_a_failed_compile_is_one_notice_then_eager(capsys):
     def broken(gm, example_inputs):
         raise RuntimeError("no Triton here")
