@@ -474,15 +474,15 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
 def test_decode_attention_serves_every_decode_step_and_none_of_the_prefill(family, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import sdpa_attention
-    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(config).eval()
     query_lengths, prefill_calls = [], []
     real_attention, real_sdpa = sdpg.decode_attention, sdpa_attention.sdpa_attention_forward
-    monkeypatch.setattr(sdpg, "decode_attention", lambda module, query, *args, **kwargs:
-                        query_lengths.append(query.shape[2]) or real_attention(module, query, *args, **kwargs))
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *args, **kwargs:
-                        prefill_calls.append(query.shape[2]) or real_sdpa(module, query, *args, **kwargs))
+    monkeypatch.setattr(sdpg, "decode_attention", lambda module, query, *a, **k:
+                        query_lengths.append(query.shape[2]) or real_attention(module, query, *a, **k))
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *a, **k:
+                        prefill_calls.append(query.shape[2]) or real_sdpa(module, query, *a, **k))
     sdpg.use_decode_attention(model)
     n, layers = 8, config.num_hidden_layers
     sdpg.generate(model, [[1, 2, 3], [4, 5]], sdpg.Config(max_response_tokens=n), 0, [10**6], greedy=True)
