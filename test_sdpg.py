@@ -470,13 +470,20 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
     assert split == want
 
 
+def family_model(family, vocab_size=64):
+    """A random model of the family: 2 layers, 4 query heads of 8 sharing 2 K/V heads, fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=8)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])  # sampling_policy's families
 def test_decode_attention_serves_every_decode_step_and_none_of_the_prefill(family, monkeypatch):
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import sdpa_attention
-    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model, layers = family_model(family), 2
     query_lengths, prefill_calls = [], []
     real_attention, real_sdpa = sdpg.decode_attention, sdpa_attention.sdpa_attention_forward
     monkeypatch.setattr(sdpg, "decode_attention", lambda module, query, *a, **k:
@@ -484,10 +491,43 @@ def test_decode_attention_serves_every_decode_step_and_none_of_the_prefill(famil
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *a, **k:
                         prefill_calls.append(query.shape[2]) or real_sdpa(module, query, *a, **k))
     sdpg.use_decode_attention(model)
-    n, layers = 8, config.num_hidden_layers
+    n = 8
     sdpg.generate(model, [[1, 2, 3], [4, 5]], sdpg.Config(max_response_tokens=n), 0, [10**6], greedy=True)
     assert query_lengths == [3] * layers + [1] * layers * (n - 1)  # the prefill, then every decode step
     assert prefill_calls == [3] * layers  # of which transformers' SDPA serves the prefill alone
+
+
+def test_sampler_peak_is_within_its_budget_a_row():
+    """Bytes of the tensors alive that decode_rows made (the K/V cache, the prefill, each decode step),
+    tracked by storage: at most the budget's own figure a row, and at least the cache plus the sampling
+    step's 16 bytes a row and vocabulary entry in fp32 (the logits, and three fp32 temporaries)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        storages, peak = {}, 0  # storage -> (weak reference, bytes)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {StorageWeakRef(t.untyped_storage()).cdata
+                      for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            self.storages = {key: (ref, n) for key, (ref, n) in self.storages.items() if not ref.expired()}
+            for t in [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]:
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in inputs:  # views and in-place ops make no storage
+                    self.storages.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+            self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
+            return out
+
+    model = family_model("qwen2", vocab_size=4096)  # the budget's terms outweigh the prefill's activations
+    prompts, cfg = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], sdpg.Config(max_response_tokens=40)
+    with LiveBytes() as live:
+        sdpg.decode_rows(model, prompts, 3, cfg, 0, [10**6], False, 4)
+    cache = 3 * 2 * 2 * (2 * 8) * decode_slots(4, cfg) * 4  # rows, layers, K and V, 2 heads of 8, slots, fp32
+    assert live.peak <= 3 * sdpg.sampler_row_bytes(model, 4 + 40 + 16)
+    # 16 bytes a vocabulary entry, not 20: the prefill's fp32 logits are gone before the decode steps
+    assert cache + 3 * 16 * 4096 <= live.peak < cache + 3 * 20 * 4096
 
 
 def test_a_forward_without_a_static_cache_is_one_error():
