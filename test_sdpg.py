@@ -659,6 +659,7 @@ def counting_decode(monkeypatch):
     eagerly); sdpg's own count starts from zero. Returns the graphs, and the (rows, slots, greedy) of
     each decode_rows call: its decode step's shape and mode."""
     graphs, shapes = [], []
+    torch._dynamo.reset()  # earlier tests' decode graphs (other models) would count towards dynamo's limit
     backend = lambda gm, example_inputs: graphs.append(gm) or gm.forward
     compiled = sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False)
     monkeypatch.setattr(sdpg, "graphed_decode_step", compiled)
