@@ -123,14 +123,17 @@ COMPILES = collections.Counter()  # graphs compiled per function in this process
 
 
 def cuda_compiled(fn, devices=("cuda",), **options):
-    """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU)
-    one notice says why, and fn runs eagerly. call.compiled_ran: the compiled fn has been called."""
+    """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU, more
+    graphs than call.graphs) one notice says why, and fn runs eagerly. call.compiled_ran: compiled fn ran."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            # for fn's calls alone: past the limit dynamo raises, where it would run fn eagerly unsaid
+            limit = max(call.graphs, torch._dynamo.config.recompile_limit)
             try:
                 call.compiled_ran = True  # cleared below where compiling fails
-                return call.compiled(*args)
+                with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                    return call.compiled(*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a compiler error, not fn's: fn then runs eagerly for good
@@ -140,7 +143,7 @@ def cuda_compiled(fn, devices=("cuda",), **options):
             finally:
                 COMPILES[fn.__name__] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         return fn(*args)
-    call.compiled, call.compiled_ran = torch.compile(fn, **options), False
+    call.compiled, call.compiled_ran, call.graphs = torch.compile(fn, **options), False, 0
     return call
 
 
@@ -356,13 +359,13 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
                    else "past_key_values": caches[B, L]}
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-        try:
-            logits = model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions, **cache_kwarg,
-                           cache_position=slots[:P], logits_to_keep=1).logits             # (B, 1, V)
+        try:  # the prefill's (B, V) logits go once the first token is drawn
+            tokens = sample_token(model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions,
+                                        cache_position=slots[:P], logits_to_keep=1,
+                                        **cache_kwarg).logits[:, -1], cfg.temperature, greedy)   # (B,)
         except (TypeError, ValueError, NotImplementedError) as e:
             raise UserError(f"cannot sample from model type {model.config.model_type!r} with a static KV "
                             f"cache: {first_line(e)}") from None
-        tokens = sample_token(logits[:, -1], cfg.temperature, greedy)                   # (B,)
         out = torch.full((B, N), pad_id, device=device)                                 # (B, N)
         first = positions[:, -1] + 1                                                    # (B,)
         for t in range(N):
@@ -376,17 +379,23 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     return out.tolist()
 
 
+def sampler_row_bytes(model, slots):
+    """A sampling row's peak bytes: its K/V cache, the prefill's K/V repeated over all heads (transformers'
+    SDPA with a mask, one layer at a time), the logits and the sampling step's three fp32 (row, V) tensors."""
+    c, element = model.config, next(model.parameters()).element_size()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    kv = 2 * head_dim * slots * (c.num_hidden_layers * kv_heads + c.num_attention_heads)  # cache, repeated
+    return element * kv + (element + 3 * 4) * c.vocab_size
+
+
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
     """Responses (stop token included) and truncation flags, in calls of one shape for the set
     (prompt_len: its longest prompt), as many rows as --sample-memory-mb holds, the last filled up."""
     model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
-    c, element = model.config, next(model.parameters()).element_size()
     prompt_len = prompt_len or max(map(len, prompts), default=0)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-    kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * (prompt_len + cfg.max_response_tokens + 16)
-    budget = int(cfg.sample_memory_mb * 2**20) // (kv_bytes * element + 3 * 4 * c.vocab_size)
-    rows = max(1, min(budget, len(prompts)))  # rows per call; an empty set makes no call
+    row_bytes = sampler_row_bytes(model, prompt_len + cfg.max_response_tokens + 16)
+    rows = max(1, min(int(cfg.sample_memory_mb * 2**20) // row_bytes, len(prompts)))  # an empty set: no call
     cut = []                                  # (response, truncated) per prompt
     for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=rank_and_world()[0] != 0):
         chunk = prompts[i: i + rows]
@@ -1082,6 +1091,7 @@ def train(cfg):
     sampler, stop_ids = sampling_policy(model), stop_token_ids(tokenizer, model)  # sampler: bf16 on CUDA
     pad_id, G, device = tokenizer.pad_token_id, cfg.group_size, model.device
     prompt_len = max(len(p["student_ids"]) for p in train_set)  # every training call: one prompt width
+    graphed_decode_step.graphs = 1 + len(eval_sets)  # one decode shape for training, one an evaluation set
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
     if not cfg.run_name:  # the tracker's run, recorded in the checkpoints with the other flags
         cfg = dataclasses.replace(cfg, run_name=f"{os.path.basename(os.path.abspath(cfg.out_dir))}-"

@@ -25,16 +25,19 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def make_tokenizer(pad=True):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     prompts = ("".join(sum(sdpg.ANSWER_FORMATS.values(), ()))
                + sdpg.STUDENT_PROMPT + sdpg.HINT + sdpg.HINT_SOLUTION)
     chars = sorted(set(prompts + "0123456789+-*/=?.,$#{}\\ \n"
                        + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:[]()'"))
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    # one token a character, in byte-level form (' ' is 'Ġ'): transformers >= 5 reloads a qwen2
+    # checkpoint's tokenizer as Qwen2Tokenizer whatever tokenizer_class says, and that class rebuilds a
+    # byte-level BPE from the vocabulary, so the ids and the whitespace stay the same on every release
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {"<unk>": 0, **{byte_level.pre_tokenize_str(c)[0][0]: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = byte_level, decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
                                    additional_special_tokens=SPECIALS[1:])
     fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
@@ -509,6 +512,66 @@ def test_greedy_decode_loop_equals_model_generate(kind, tie, attention):
     assert split == want
 
 
+def family_model(family, vocab_size=64):
+    """A random model of the family: 2 layers, 4 query heads of 8 sharing 2 K/V heads, fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=8)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])  # sampling_policy's families
+def test_decode_attention_serves_every_decode_step_and_none_of_the_prefill(family, monkeypatch):
+    from transformers.integrations import sdpa_attention
+    model, layers = family_model(family), 2
+    query_lengths, prefill_calls = [], []
+    real_attention, real_sdpa = sdpg.decode_attention, sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpg, "decode_attention", lambda module, query, *a, **k:
+                        query_lengths.append(query.shape[2]) or real_attention(module, query, *a, **k))
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *a, **k:
+                        prefill_calls.append(query.shape[2]) or real_sdpa(module, query, *a, **k))
+    sdpg.use_decode_attention(model)
+    n = 8
+    sdpg.generate(model, [[1, 2, 3], [4, 5]], sdpg.Config(max_response_tokens=n), 0, [10**6], greedy=True)
+    assert query_lengths == [3] * layers + [1] * layers * (n - 1)  # the prefill, then every decode step
+    assert prefill_calls == [3] * layers  # of which transformers' SDPA serves the prefill alone
+
+
+def test_sampler_peak_is_within_its_budget_a_row():
+    """Bytes of the tensors alive that decode_rows made (the K/V cache, the prefill, each decode step),
+    tracked by storage: at most the budget's own figure a row, and at least the cache plus the sampling
+    step's 16 bytes a row and vocabulary entry in fp32 (the logits, and three fp32 temporaries)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        storages, peak = {}, 0  # storage -> (weak reference, bytes)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {StorageWeakRef(t.untyped_storage()).cdata
+                      for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            self.storages = {key: (ref, n) for key, (ref, n) in self.storages.items() if not ref.expired()}
+            for t in [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]:
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in inputs:  # views and in-place ops make no storage
+                    self.storages.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+            self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
+            return out
+
+    model = family_model("qwen2", vocab_size=4096)  # the budget's terms outweigh the prefill's activations
+    prompts, cfg = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], sdpg.Config(max_response_tokens=40)
+    with LiveBytes() as live:
+        sdpg.decode_rows(model, prompts, 3, cfg, 0, [10**6], False, 4)
+    cache = 3 * 2 * 2 * (2 * 8) * decode_slots(4, cfg) * 4  # rows, layers, K and V, 2 heads of 8, slots, fp32
+    assert live.peak <= 3 * sdpg.sampler_row_bytes(model, 4 + 40 + 16)
+    # 16 bytes a vocabulary entry, not 20: the prefill's fp32 logits are gone before the decode steps
+    assert cache + 3 * 16 * 4096 <= live.peak < cache + 3 * 20 * 4096
+
+
 def test_a_forward_without_a_static_cache_is_one_error():
     model, tok = tiny_model("qwen2", False)
     prompt = sdpg.chat_prompt(tok, [{"role": "user", "content": "Go"}])
@@ -635,33 +698,78 @@ def test_cuda_graph_decode_and_bf16_greedy_matches_hf(monkeypatch):
 
 def counting_decode(monkeypatch):
     """The decode step compiled on the CPU by a backend that counts its graphs (and runs them
-    eagerly); sdpg's own count starts from zero."""
-    graphs = []
+    eagerly); sdpg's own count starts from zero. Returns the graphs, and the (rows, slots, greedy) of
+    each decode_rows call: its decode step's shape and mode."""
+    graphs, shapes = [], []
+    torch._dynamo.reset()  # earlier tests' decode graphs (other models) would count towards dynamo's limit
     backend = lambda gm, example_inputs: graphs.append(gm) or gm.forward
     compiled = sdpg.cuda_compiled(sdpg.decode_step, devices=("cpu",), backend=backend, dynamic=False)
     monkeypatch.setattr(sdpg, "graphed_decode_step", compiled)
     monkeypatch.setattr(sdpg, "COMPILES", sdpg.collections.Counter())
-    return graphs
+    real_decode_rows = sdpg.decode_rows
+
+    def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len):
+        shapes.append((len(prompts), decode_slots(prompt_len, cfg), greedy))
+        return real_decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
+    monkeypatch.setattr(sdpg, "decode_rows", decode_rows)
+    return graphs, shapes
+
+
+def decode_slots(prompt_len, cfg):
+    """The static cache's slots: prompt and response, rounded up to 16 (as in decode_rows)."""
+    return -(-(prompt_len + cfg.max_response_tokens) // 16) * 16
+
+
+def expected_shape(model, cfg, prompts, rows, greedy):
+    """(rows, slots, greedy) of generate's calls for a set: as many of its rows as the budget holds."""
+    width = max(map(len, prompts))
+    row_bytes = sdpg.sampler_row_bytes(model, width + cfg.max_response_tokens + 16)
+    return min(int(cfg.sample_memory_mb * 2**20) // row_bytes, rows), decode_slots(width, cfg), greedy
 
 
 def test_decode_compiles_once_per_set_and_mode(tiny, tmp_path, monkeypatch):
     import dataclasses
-    graphs = counting_decode(monkeypatch)
+    graphs, shapes = counting_decode(monkeypatch)
     # 3 steps of 16 rows over prompts of different lengths, split by a budget of about 9 rows,
     # greedy evaluation at steps 0, 2 and 3
-    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--total-steps", "3", "--sample-memory-mb", "0.5",
+    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--total-steps", "3", "--sample-memory-mb", "1.2",
                                    "--eval-every", "2"))
     model = sdpg.train(cfg)
     (rows, _), = model.sdpg_kv_caches  # the training cache alone is held; evaluation's was released
     assert rows < 16 and 16 % rows  # the rows were split, and the last call filled up
-    assert len(graphs) == sdpg.COMPILES["decode_step"] == 2  # one training shape, one greedy evaluation
-    assert [r["decode_compiles"] for r in read_metrics(tmp_path)[1:]] == [2, 2, 2]
     tok = make_tokenizer()
+    prompts = lambda split: [p["student_ids"] for p in
+                             sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], split), 4096, False)]
+    train_prompts, eval_prompts = prompts("train"), prompts("test")[:4]
+    # training: its widest prompt, 16 rows a step, sampled; evaluation: its own width, 4 rows, greedy.
+    # Where two shapes coincide (on some transformers releases) they share one graph
+    expected = {expected_shape(model, cfg, train_prompts, 16, False),
+                expected_shape(model, cfg, eval_prompts, 4, True)}
+    assert set(shapes) == expected and len(graphs) == sdpg.COMPILES["decode_step"] == len(expected)
+    assert [r["decode_compiles"] for r in read_metrics(tmp_path)[1:]] == [len(expected)] * 3
     problems = sdpg.build_prompts(tok, sdpg.load_problems(tiny["data"], "test"), 4096, False)[:4]
-    for _ in range(2):  # mean@k samples: one more shape, compiled once
-        mean_at_2 = dataclasses.replace(cfg, eval_samples=2)
+    mean_at_2 = dataclasses.replace(cfg, eval_samples=2)
+    for _ in range(2):  # mean@k samples: evaluation's width, 8 rows, sampled: compiled once
         sdpg.evaluate(model, tok, {"set": problems}, mean_at_2, [tok.eos_token_id])
-    assert len(graphs) == sdpg.COMPILES["decode_step"] == 3
+    expected.add(expected_shape(model, cfg, eval_prompts, 8, False))
+    assert set(shapes) == expected and len(graphs) == sdpg.COMPILES["decode_step"] == len(expected)
+
+
+def test_more_sets_than_dynamos_recompile_limit_compile_once_each(tiny, tmp_path, monkeypatch, capsys):
+    graphs, shapes = counting_decode(monkeypatch)
+    # nine evaluation sets, each a prompt 16 characters wider than the last: with training, 10 shapes
+    sets = [write_json(tmp_path / f"set{k}.jsonl", [dict(question="Go" + "." * 16 * k, answer="7")])
+            for k in range(9)]
+    cfg = sdpg.parse_args(run_args(tiny, tmp_path, "--eval-task", ",".join(sets), "--total-steps", "1"))
+    model = sdpg.train(cfg)
+    assert len(set(shapes)) == len(graphs) == sdpg.COMPILES["decode_step"] == 10 > 8
+    assert torch._dynamo.config.recompile_limit == 8  # torch's own setting, outside sdpg's calls
+    assert "notice:" not in capsys.readouterr().err
+    # a shape past the run's sets: one notice, and the decode step runs eagerly from then on
+    prompt = make_tokenizer()("Go", add_special_tokens=False)["input_ids"]
+    for width in (300, 400):
+        sdpg.generate(model, [prompt], cfg, 0, [0], greedy=True, prompt_len=width)
+    assert capsys.readouterr().err.count("notice: decode_step runs eagerly") == 1 and len(graphs) == 10
 
 
 def test_a_failed_compile_is_one_notice_then_eager(capsys):
@@ -922,6 +1030,17 @@ def test_verl_parquet_with_teacher_context_trains_and_evaluates(tiny, tmp_path, 
     decoded = {tok.decode(ids) for batch in seen for ids in batch}
     assert any("[Hint]" in t for t in decoded)  # the teacher ran with the context ...
     assert all("TEACHER_CONTEXT" not in t for t in decoded)  # ... never with the marker
+
+
+def test_the_tokenizer_train_loads_is_the_one_the_tests_build(tiny):
+    """Through AutoTokenizer, as train loads it, a prompt keeps its spaces and newline: one id a character."""
+    from transformers import AutoTokenizer
+    built, loaded = make_tokenizer(), AutoTokenizer.from_pretrained(tiny["model"])
+    ids = loaded("a b\nc", add_special_tokens=False)["input_ids"]
+    assert ids == built("a b\nc", add_special_tokens=False)["input_ids"] and len(ids) == 5
+    assert loaded.decode(ids) == "a b\nc"
+    chat = [dict(role="user", content="Tom has 3 pens.\n#### 7")]
+    assert sdpg.chat_prompt(loaded, chat) == sdpg.chat_prompt(built, chat)
 
 
 def test_chat_prompt_without_a_template_is_the_plain_text():
