@@ -847,7 +847,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
 def load_pretrained(kind, path, **kwargs):
     try:
         return getattr(__import__("transformers"), kind).from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # missing or bad files, no network, a converter's missing package, ...
         offline = "" if os.path.isdir(path) else " (without the Hub, HF_HUB_OFFLINE=1 fails at once)"
         raise UserError(f"cannot load {kind} from {path!r}{offline}: {first_line(e)}") from None
 

@@ -1534,7 +1534,8 @@ def bad_inputs(tiny, tmp):
                         "holds a JSON dict, not a list of problems"),
         "model is a file": (["--model", tiny["data"]], "is not a model directory"),
         "empty model folder": (["--model", str(tmp / "empty-model")], "is not a model directory"),
-        "model without tokenizer": (["--model", weights_only_model(tiny, tmp)], "ids) is empty or exceeds"),
+        "model without tokenizer": (["--model", weights_only_model(tiny, tmp)],  # transformers 5 loads it empty
+                                    ("ids) is empty or exceeds", "cannot load AutoTokenizer")),
     }
 
 
@@ -1573,7 +1574,8 @@ def test_bad_inputs_give_one_line_and_no_output(tiny, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             sdpg.main(run_args(tiny, out) + args)
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-        assert exit.value.code == 2 and len(err) == 1 and message in err[0], (name, err)
+        messages = message if isinstance(message, tuple) else (message,)
+        assert exit.value.code == 2 and len(err) == 1 and any(m in err[0] for m in messages), (name, err)
         assert not out.exists(), name
 
 
