@@ -1178,6 +1178,17 @@ def test_resume_takes_free_flags_and_writes_into_the_checkpoint_parent(tiny, tmp
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
 
 
+def test_sampled_evaluation_never_moves_a_rollout(tiny, tmp_path):
+    # evaluation is free on resume because it runs on a fork of the RNG: the training rows are the same
+    # with sampled evaluations after every step and with none in between
+    sdpg.main(run_args(tiny, tmp_path / "quiet", "--total-steps", "3"))
+    sdpg.main(run_args(tiny, tmp_path / "busy", "--total-steps", "3", "--eval-every", "1", "--eval-samples", "2"))
+    training = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith("accuracy")
+                          and k not in ("tokens_per_s", "decode_compiles")}
+    quiet, busy = read_metrics(tmp_path / "quiet")[1:], read_metrics(tmp_path / "busy")[1:]
+    assert busy[0]["accuracy"] is not None and [training(r) for r in quiet] == [training(r) for r in busy]
+
+
 def test_keep_checkpoints_sorts_by_step_as_a_number(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny["model"])
