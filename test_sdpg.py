@@ -1151,7 +1151,7 @@ def test_an_earlier_run_is_never_touched(tiny, tmp_path, capsys):
                                "a resumed run keeps its flags, but --lr 0.002 (the run's: 0.001) differ"),
         "resume, another model and seed": (["--resume", checkpoint, "--model", "Qwen2.5-0.5B", "--seed", "1"],
                                            f"(the run's: {tiny['model']!r}), --seed 1 (the run's: 0)"),
-        "resume, one checkpoint kept": (["--resume", checkpoint, "--keep-checkpoints", "1"], "--keep-checkpoints"),
+        "resume, one checkpoint kept": (["--resume", checkpoint, "--keep-checkpoints", "1"], "--keep-check"),
         "resume from a non-checkpoint": (["--resume", str(out)], "is not a checkpoint directory"),
     }
     for name, (args, message) in attempts.items():
@@ -1182,7 +1182,8 @@ def test_sampled_evaluation_never_moves_a_rollout(tiny, tmp_path):
     # evaluation is free on resume because it runs on a fork of the RNG: the training rows are the same
     # with sampled evaluations after every step and with none in between
     sdpg.main(run_args(tiny, tmp_path / "quiet", "--total-steps", "3"))
-    sdpg.main(run_args(tiny, tmp_path / "busy", "--total-steps", "3", "--eval-every", "1", "--eval-samples", "2"))
+    sdpg.main(run_args(tiny, tmp_path / "busy", "--total-steps", "3", "--eval-every", "1",
+                       "--eval-samples", "2"))
     training = lambda r: {k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith("accuracy")
                           and k not in ("tokens_per_s", "decode_compiles")}
     quiet, busy = read_metrics(tmp_path / "quiet")[1:], read_metrics(tmp_path / "busy")[1:]
@@ -1539,13 +1540,13 @@ def bad_inputs(tiny, tmp):
         "unknown tracker": (["--report-to", "tensorboard"], "unknown --report-to 'tensorboard'"),
         "unknown flag": (["--learning-rate", "1"], "unrecognized arguments: --learning-rate"),
         "flag of the wrong type": (["--total-steps", "two"], "argument --total-steps: invalid int value"),
-        "bad JSONL line": (["--task", write_text(tmp / "b.jsonl", '{"question": "1+1?", "answer": "2"}\n\n{x')],
-                           "b.jsonl: JSONDecodeError: Expecting property name enclosed in double quotes: line 3 "),
+        "bad JSONL line": (["--task", write_text(tmp / "b.jsonl", '{"question": "2?", "answer": "2"}\n\n{')],
+                           "b.jsonl: JSONDecodeError: Expecting property name enclosed in double quotes: line 3"),
         "JSON object": (["--task", write_text(tmp / "o.json", '{"question": "1+1?", "answer": "2"}')],
                         "holds a JSON dict, not a list of problems"),
         "model is a file": (["--model", tiny["data"]], "is not a model directory"),
         "empty model folder": (["--model", str(tmp / "empty-model")], "is not a model directory"),
-        "model without tokenizer": (["--model", weights_only_model(tiny, tmp)],  # transformers 5 loads it empty
+        "model without tokenizer": (["--model", weights_only_model(tiny, tmp)],  # 5.x loads it empty
                                     ("ids) is empty or exceeds", "cannot load AutoTokenizer")),
     }
 
@@ -1596,7 +1597,7 @@ def test_a_failed_hub_load_names_hf_hub_offline(tiny, tmp_path):
                            *run_args(tiny, tmp_path / "o", "--model", "Qwen2.5-0.5B")],
                           capture_output=True, text=True, timeout=120, env=env)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith("error: cannot load AutoTokenizer from 'Qwen/Qwen2.5-0.5B")
+    assert proc.returncode == 2 and last.startswith("error: cannot load AutoTokenizer from 'Qwen/Qwen2.5")
     assert "HF_HUB_OFFLINE=1" in last and not (tmp_path / "o").exists()
 
 
@@ -2241,7 +2242,7 @@ def main(argv=None):
 
 
 def test_benchmark_flags_are_checked(tmp_path, capsys):
-    for argv, message in (([], "one of the arguments"), (["--bench", "--repeat", "3"], "unrecognized arguments"),
+    for argv, message in (([], "one of the arguments"), (["--bench", "--rep", "3"], "unrecognized arguments"),
                           (["--make-rows", str(tmp_path / "missing")], "is not a directory"),
                           (["--bench", "--memory-mb", "lots"], "invalid int value")):
         with pytest.raises(SystemExit) as exit:
