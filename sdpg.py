@@ -181,7 +181,7 @@ HINT_SOLUTION = (
 
 def resolve_model_name(name):
     """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must be a model directory."""
-    if os.path.isfile(name) or os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+    if os.path.isfile(name) or (os.path.isdir(name) and not os.path.isfile(f"{name}/config.json")):
         raise UserError(f"--model {name!r} is not a model directory (one with a config.json)")
     if not os.path.isdir(name) and re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
         return "Qwen/" + name
@@ -344,9 +344,9 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     L = -(-(P + N) // 16) * 16                                                           # cache slots
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
     start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first token
-    mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
-    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     slots = torch.arange(L, device=device)                                              # (L,) cache positions
+    mask = (slots >= start[:, None]).long()                                             # (B, L) left pads 0
+    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     stops = torch.tensor(stop_ids, device=device)
     done = torch.arange(B, device=device) >= live                                       # (B,)
     # one cache per shape, kept on the model and reset before each prefill: its storage, and the
@@ -371,7 +371,7 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
         for t in range(N):
             out[:, t] = torch.where(done, pad_id, tokens)  # a stopped row never changes again
             done |= torch.isin(tokens, stops)
-            if t == N - 1 or t % 16 == 15 and bool(done.all()):  # one host sync per 16 tokens
+            if t == N - 1 or (t % 16 == 15 and bool(done.all())):  # one host sync per 16 tokens
                 break
             torch.compiler.cudagraph_mark_step_begin()  # a new replay of the captured graph (CUDA)
             tokens = graphed_decode_step(model, cache_kwarg, tokens, first + t, slots[P + t:P + t + 1], mask,
@@ -834,9 +834,8 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             optimizer.step()
-            sums["loss"] += loss_total
-            sums["grad_norm"] += grad_norm
-            sums["steps"] += 1
+            for key, value in (("loss", loss_total), ("grad_norm", grad_norm), ("steps", 1)):
+                sums[key] += value
         else:
             sums["skipped"] += 1
         optimizer.zero_grad(set_to_none=True)  # sampling gets the gradients' memory back
@@ -870,7 +869,7 @@ def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
         mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
         longest = max(len(p["student_ids"]) for p in problems)  # one shape for the set, whatever the rank
         responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                                stop_ids, cfg.eval_samples == 1, "eval", longest)
+                                stop_ids, greedy=cfg.eval_samples == 1, desc="eval", prompt_len=longest)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
         totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
@@ -962,12 +961,10 @@ def check_flags(cfg, world):
         value, valid, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if "choices" in valid and value not in valid["choices"]:
             raise UserError(f"unknown {flag} {value!r}: use {', '.join(valid['choices'])}")
-        low, high, above = (valid.get(k, bound) for k, bound in (("low", -math.inf), ("high", math.inf),
-                                                                  ("above", -math.inf)))
-        if valid.keys() & {"low", "high", "above"} and not (low <= value <= high and value > above):
-            bounds = [f">= {low}" * (low > -math.inf), f"> {above}" * (above > -math.inf),
-                      f"<= {high}" * (high < math.inf)]
-            raise UserError(f"{flag} {value}: must be {' and '.join(filter(None, bounds))}")
+        bounds = {sign: valid[k] for k, sign in (("low", ">="), ("above", ">"), ("high", "<=")) if k in valid}
+        low, above, high = bounds.get(">=", -math.inf), bounds.get(">", -math.inf), bounds.get("<=", math.inf)
+        if bounds and not (low <= value <= high and value > above):
+            raise UserError(f"{flag} {value}: must be {' and '.join(f'{s} {b}' for s, b in bounds.items())}")
     if cfg.keep_checkpoints == 1:
         raise UserError("--keep-checkpoints 1: use 0 (all) or at least 2 (a crash mid-save leaves one whole)")
     if cfg.batch_size % world:
@@ -1021,11 +1018,10 @@ def load_run(cfg):
         enable({"use_reentrant": False})
     # pi_ref is the initial policy, also on resume: bf16 on CUDA, except for the KL in the reward,
     # where it must compute as pi_old does, so that k1 is 0 until the policy moves (flat groups' A_i)
-    ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda and not cfg.kl_reward
-    ref_model = None
-    if cfg.alpha > 0 or cfg.kl_reward:
-        ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
-        ref_model = load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
+    ref_bf16 = (use_cuda and not cfg.kl_reward) if cfg.ref_dtype == "auto" else cfg.ref_dtype == "bf16"
+    ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
+    ref_model = (load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
+                 if cfg.alpha > 0 or cfg.kl_reward else None)
     return tokenizer, train_set, eval_sets, model, ref_model
 
 
@@ -1035,7 +1031,7 @@ def optimizer_and_resume(cfg, model):
     # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
     # where the fused kernel cannot take them
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                  fused=params[0].is_cuda and not distributed() or None)
+                  fused=True if params[0].is_cuda and not distributed() else None)
     if distributed():
         from torch.distributed.optim import ZeroRedundancyOptimizer
         optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
@@ -1171,13 +1167,13 @@ def train(cfg):
                    beta=beta_k, rlsd_lambda=lambda_k if cfg.rlsd_lambda > 0 else None, lr=lr, **timings,
                    step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
-        if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+        if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.total_steps):
             with timed(row, "eval_s", device):
                 row.update(evaluation())
         log(row)
         shown = {k: "-" if row[k] is None else f"{row[k]:.3g}" for k in ("reward", "opd_kl", "accuracy")}
         bar.set_postfix(shown)
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
     finish_log()
     return model
