@@ -231,8 +231,7 @@ def load_problems(task, split):
         if isinstance(r, dict) and isinstance(r.get("prompt"), list):  # verl's format
             answer, messages = str((r.get("reward_model") or {}).get("ground_truth", "")), r["prompt"]
         elif isinstance(r, dict) and "question" in r and "answer" in r:
-            # Figure 4's user turn: the student prompt, the marker, then the hint c (its first
-            # sentence alone where there is no worked solution)
+            # Figure 4's user turn: student prompt, marker, hint c (without a solution: its first sentence)
             answer, solution = str(r["answer"]).rsplit("####", 1)[-1].strip(), str(r.get("context") or "")
             hint = (HINT + HINT_SOLUTION if solution else HINT).format(answer=answer, solution=solution)
             prompt = STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=r["question"])
@@ -349,15 +348,13 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     stops = torch.tensor(stop_ids, device=device)
     done = torch.arange(B, device=device) >= live                                       # (B,)
-    # one cache per shape, kept on the model and reset before each prefill: its storage, and the
-    # CUDA graph captured on it, serve the whole run
+    # one cache per shape, kept on the model, reset per prefill: it and its CUDA graph serve the whole run
     caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
     if (B, L) not in caches:
         caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
     caches[B, L].reset()
-    # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
-    cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
-                   else "past_key_values": caches[B, L]}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kwarg = {name: caches[B, L]}  # `cache` from transformers 5.24 on (`past_key_values` deprecated)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         try:  # the prefill's (B, V) logits go once the first token is drawn
             tokens = sample_token(model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions,
@@ -431,8 +428,7 @@ NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"   # 1,234.5 | 12 | 12. | 
 SIGNED = re.compile(rf"([+-]?)({NUMBER})")
 FRACTION = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
 TEXT = r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"
-# unit words that come off after a number, as in the authors' normalisation (a fixed list: '2 \pi'
-# and '3 x' keep their letters)
+# unit words after a number go, as in the authors' normalisation (a fixed list: '2 \pi', '3 x' stay)
 UNITS = re.compile(r"(?<=\d)\s*(?:(?:square|sq)\s*)?(?:dollars?|cents?|mph|km|cm|mm|m|meters?|inch(?:es)?|"
                    r"feet|foot|ft|miles?|hours?|minutes?|seconds?|days?|weeks?|years?|pounds?|lbs?|kg|g|"
                    r"grams?|degrees?|units?|ways|points?|digits?|integers?|students?|edges?)\.?$")
@@ -622,8 +618,7 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
     return torch.where(onehot, grad + logp_coef[:, None], grad).to(grad_dtype or student_logits.dtype)
 
 
-# on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that hold no
-# (chunk x V) temporaries
+# on CUDA a chunk's elementwise work and row reductions fuse into a few kernels, no (chunk x V) temporaries
 fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 
@@ -641,9 +636,8 @@ def fp32_logits(hidden, weight):
 
 
 def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
-    """(start, end) rows whose (chunk x V) buffers fit memory_mb, for the path that runs: compiled,
-    the fp32 student and teacher logits and the bf16 gradient (10 bytes a row and vocabulary entry);
-    eagerly (before the first compiled run, after a failed one) eight fp32 temporaries (32 bytes)."""
+    """(start, end) rows whose (chunk x V) buffers fit memory_mb: compiled, fp32 logits and a bf16 gradient
+    (10 bytes a row and vocabulary entry); eagerly (before a compiled run, after a failed one) 32 bytes."""
     start = 0
     while start < n:
         compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
@@ -670,15 +664,13 @@ class FusedSDPGHead(torch.autograd.Function):
         n_teacher = 0 if teacher_hidden is None else len(teacher_hidden)
         for s, e in head_chunks(n, weight.shape[0], memory_mb, chunk_size):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
-            student_logits = fp32_logits(h, w)                            # (c, V)  GEMM 1
+            logits = fp32_logits(h, w)                                    # (c, V)  GEMM 1
             teacher_logits = None  # past the teacher's rows, whose kl_weight is 0
             if s < n_teacher:  # a chunk across the end: zero states (q uniform) for the rest
                 t = torch.nn.functional.pad(teacher_hidden[s:e], (0, 0, 0, e - min(e, n_teacher)))
                 teacher_logits = fp32_logits(t.to(dtype), w)              # (c, V)  GEMM 2
-            tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
-                student_logits, teacher_logits, y, temperature)           # (c,) each
-            # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
-            # vector, so the head runs the very functions of the equations above
+            tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(logits, teacher_logits, y, temperature)
+            # sampled-token terms: d/d log pi(y_t) by autograd on (c,), with the functions of the equations
             old = tok_logp if old_logp is None else old_logp[s:e]        # on-policy: rho = 1
             with torch.enable_grad():
                 x = tok_logp.detach().requires_grad_()
@@ -688,7 +680,7 @@ class FusedSDPGHead(torch.autograd.Function):
             kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
-            dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
+            dz = fused_logit_grad(logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
                                   logp_coef.to(fdt) * scale, temperature, dtype)  # (c, V)
             grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
             if dz.is_cuda and dz.dtype != grad_weight.dtype:  # bf16 GEMM summing into fp32
@@ -696,7 +688,7 @@ class FusedSDPGHead(torch.autograd.Function):
             else:
                 grad_weight += dz.T @ h                                   # (V, H)  GEMM 4
             stats[:, s:e] = torch.stack([tok_logp, kl, entropy])
-            del student_logits, teacher_logits, dz
+            del logits, teacher_logits, dz
         ctx.save_for_backward(grad_hidden.to(student_hidden.dtype), grad_weight.to(weight.dtype))
         return loss / n_tokens, stats
 
@@ -709,14 +701,10 @@ class FusedSDPGHead(torch.autograd.Function):
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
                    ref_logp, n_tokens, *, alpha=1e-3, kl_mode="urkl", eps_low=0.2, eps_high=0.28,
                    clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=2048, matmul_dtype=None):
-    """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by
-    n_tokens (the global response-token count, so micro-batches and ranks add up exactly).
-
-    student_hidden (N, H) final-norm hidden states with grad; teacher_hidden (N_t, H), those of
-    the first N_t rows (kl_weight is 0 past them), or None; weight (V, H) lm_head; tokens (N,);
-    advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
-    (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
-    Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
+    """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by n_tokens,
+    the global response-token count. Hidden states (N, H) with grad, the teacher's (N_t, H) of the first
+    N_t rows or None; weight (V, H); per token (N,): tokens, A_i, beta(k) m_i, old_logp (None: rho = 1),
+    ref_logp (None: no reference term). Returns loss, stats (3, N): log pi(y_t), KL(p_t || q_t), entropy."""
     token_loss = lambda *scores: sampled_token_loss(*scores, alpha, kl_mode, eps_low, eps_high, clip_c)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
                                old_logp, ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size,
@@ -1118,8 +1106,7 @@ def train(cfg):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
                                     for t, p in zip(texts, group)])                           # (S,)
-        # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
-        # where rho can differ from 1, or the KL in the reward or RLSD needs them
+        # 3. no-grad per-token scores: pi_ref's; pi_old's where rho can differ from 1, --kl-reward or RLSD
         lambda_k = rlsd_lambda_schedule(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
         with timed(timings, "ref_s", device):
             ref_logp = score_tokens(ref_model, prompts, responses, cfg, pad_id) if ref_model else None
