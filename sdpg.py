@@ -292,8 +292,7 @@ def stop_token_ids(tokenizer, model):
 
 
 def cut_at_stop(tokens, stop_ids):
-    """Keep tokens up to and including the first stop token. Returns (tokens, truncated).
-    The mask comes from the stop position, never from `!= pad_id` (pad may equal EOS)."""
+    """(tokens up to and including the first stop token, truncated): never by `!= pad_id` (pad may be EOS)."""
     end = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
     return (tokens, True) if end is None else (tokens[: end + 1], False)
 
@@ -487,8 +486,7 @@ def reference_answer(reference):
 
 
 def reward(response, reference, answer_format="boxed"):
-    """R = +1 if the response's final answer equals the reference (as exact numbers, else as normalised
-    strings), else -1, the authors' scale. A response without a final answer in the format scores -1."""
+    """R = +1 if the final answer equals the reference (exact numbers, else normalised strings), else -1."""
     predicted = final_answer(response, answer_format)
     predicted = None if predicted is None else normalise(predicted)
     return 1.0 if predicted is not None and predicted == reference_answer(reference) else -1.0
@@ -526,10 +524,9 @@ def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
 
 
 def ref_kl_penalty(logp, ref_logp, mode="urkl"):
-    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens,
-    log w = log pi_theta(y_t) - log pi_ref(y_t). Its gradient w.r.t. logp is the REINFORCE
-    coefficient of that KL: urkl log w, ufkl 1 - 1/w. Both are 0 at w = 1 (ufkl's -1 has no
-    gradient; it makes the logged ref_kl read 0 when the policy equals the reference)."""
+    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens, log w =
+    log pi_theta(y_t) - log pi_ref(y_t); its gradient w.r.t. logp is the KL's REINFORCE coefficient: urkl
+    log w, ufkl 1 - 1/w. Both are 0 at w = 1 (ufkl's -1: no gradient, a logged ref_kl of 0 at pi = pi_ref)."""
     log_w = logp - ref_logp
     if mode == "urkl":
         return 0.5 * log_w ** 2                # unnormalised reverse KL: (1/2) log^2 w
@@ -559,10 +556,9 @@ def importance_ratio(logp, old_logp):
 
 
 def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, clip_c=10.0):
-    """Appendix A.3 (DAPO clip-higher with dual clip), per token:
-    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)); where A < 0, l = min(l, -A c).
-    With old_logp = logp.detach() (one optimizer step per batch) rho = 1 and the gradient is
-    the on-policy -A grad log pi of Section 3.2."""
+    """Appendix A.3 (DAPO clip-higher with dual clip), per token: l = max(-A rho, -A clip(rho, 1-eps_low,
+    1+eps_high)); where A < 0, l = min(l, -A c). With old_logp = logp.detach() (one optimizer step per batch)
+    rho = 1 and the gradient is the on-policy -A grad log pi of Section 3.2."""
     ratio = importance_ratio(logp, old_logp)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     return torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
@@ -580,10 +576,9 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
 
 
 def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
-    """Row statistics of one chunk: log pi(y_t), entropy, and the exact full-vocabulary
-    KL_t = sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher). Also returns the
-    log-normalisers, so that logit_grad needs no second reduction. The temperature divides the
-    student's logits only, as in the authors' code. Logits (c, V), fp32 (or fp64)."""
+    """Row statistics of one chunk, logits (c, V): log pi(y_t), entropy, the exact full-vocabulary KL_t =
+    sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher), and the log-normalisers for logit_grad.
+    The temperature divides the student's logits only, as in the authors' code."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     z = student_logits.to(fdt) / temperature                              # (c, V)
     lse_p = z.logsumexp(-1)                                               # (c,)
@@ -601,12 +596,10 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
 
 def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef, logp_coef,
                temperature=1.0, grad_dtype=None):
-    """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)):
-      Proposition 3.1: with the teacher detached, dKL_t/dz = p * (log p - log q - KL_t)
-        = -p * A_dist, A_dist = SG[KL_t - log(p/q)], the log-ratio advantage centred under p:
-        the KL gradient is a policy gradient over the whole vocabulary;
-      sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, scaled by logp_coef = dl/dlog pi(y_t).
-    kl_coef, logp_coef (c,); returns (c, V) in grad_dtype (default: the logits'), for two GEMMs."""
+    """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)). Proposition 3.1,
+    the teacher detached: dKL_t/dz = p * (log p - log q - KL_t) = -p * A_dist, A_dist = SG[KL_t - log(p/q)],
+    a policy gradient over the whole vocabulary; sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, times
+    logp_coef = dl/dlog pi(y_t). kl_coef, logp_coef (c,) -> (c, V) in grad_dtype (default: the logits')."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     logp = student_logits.to(fdt) / temperature - lse_p[:, None]          # (c, V)
     p = logp.exp()                                                        # (c, V)
@@ -628,8 +621,7 @@ KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and n
 
 
 def fp32_logits(hidden, weight):
-    """hidden @ weight.T in fp32 (fp64 stays fp64), (c, H) x (V, H) -> (c, V): a bf16 GEMM sums in
-    fp32, and rounding its output to bf16 would move log pi by up to 0.06 where |z| >= 16."""
+    """hidden @ weight.T, (c, H) x (V, H) -> (c, V), in fp32 (fp64 stays): bf16 would move log pi by 0.06."""
     if hidden.is_cuda and hidden.dtype == torch.bfloat16:
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     return (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
@@ -780,8 +772,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
     sums, r = collections.defaultdict(float), rollouts
     model.train()
-    # the same number of optimizer steps on every rank; distilled samples (beta(k) m_i != 0) first,
-    # so that the teacher runs on them alone and the head's teacher GEMM stops past them
+    # equal steps on every rank; distilled (beta(k) m_i != 0) samples first: the teacher GEMM stops past them
     for minibatch in torch.tensor_split(torch.arange(len(r.response_ids)), cfg.ppo_minibatches):
         minibatch = sorted(minibatch.tolist(), key=lambda i: bool(r.kl_weight[i] == 0))
         n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
@@ -814,8 +805,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
                           approx_kl=rho - 1 - log_rho, clipped=clipped, tokens=torch.ones_like(logp))
             for key, value in zip(totals, torch.stack([v.sum() for v in totals.values()]).tolist()):  # a sync
                 sums[key] += value
-        # the loss is divided by the global token count, so the sum over ranks is the gradient of the
-        # global token-mean: one process's update on the whole batch
+        # the loss / the global token count: summed over ranks, the global token-mean's gradient, exactly
         for p in params if distributed() else ():  # a parameter unused on this rank is still summed
             p.grad = all_reduce(torch.zeros_like(p) if p.grad is None else p.grad)
         loss_total = all_reduce(loss_sum).item()
@@ -1004,8 +994,7 @@ def load_run(cfg):
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    # pi_ref is the initial policy, also on resume: bf16 on CUDA, except for the KL in the reward,
-    # where it must compute as pi_old does, so that k1 is 0 until the policy moves (flat groups' A_i)
+    # pi_ref: the initial policy, also on resume; bf16 on CUDA, but with --kl-reward as pi_old (k1 is 0 first)
     ref_bf16 = (use_cuda and not cfg.kl_reward) if cfg.ref_dtype == "auto" else cfg.ref_dtype == "bf16"
     ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
     ref_model = (load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
@@ -1016,8 +1005,7 @@ def load_run(cfg):
 def optimizer_and_resume(cfg, model):
     """AdamW (under torchrun sharded: ZeRO-1) and its warmup; with --resume their state, step and RNGs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
-    # where the fused kernel cannot take them
+    # fused on one GPU (no foreach temporaries); not under ZeRO, which loads the step counts onto the CPU
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                   fused=True if params[0].is_cuda and not distributed() else None)
     if distributed():
@@ -1029,8 +1017,7 @@ def optimizer_and_resume(cfg, model):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     if not cfg.resume:
         return optimizer, scheduler, 1, 0
-    # mapped from the file to the CPU: AdamW's state moves to its parameters' device as it loads,
-    # never all to GPU 0, and no rank reads the whole state into memory
+    # mapped to the CPU: AdamW's state moves to its parameters' device as it loads (not all to GPU 0 or RAM)
     state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -1104,8 +1091,7 @@ def train(cfg):
         # 2. verify: R_i = +1 if the final answer is right, else -1                  (l. 7)
         with timed(timings, "verify_s", device):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
-                                    for t, p in zip(texts, group)])                           # (S,)
+            rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, group)])
         # 3. no-grad per-token scores: pi_ref's; pi_old's where rho can differ from 1, --kl-reward or RLSD
         lambda_k = rlsd_lambda_schedule(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
         with timed(timings, "ref_s", device):
