@@ -1,5 +1,4 @@
-"""
-SDPG: Self-Distilled Policy Gradient (Liu, Zhang, Zhang, Gu, arXiv 2606.04036), in one file.
+"""SDPG: Self-Distilled Policy Gradient (Liu, Zhang, Zhang, Gu, arXiv 2606.04036), in one file.
 
 RL with verifiable rewards where the model, shown a privileged context c (the reference
 solution), is a dense full-vocabulary teacher for its own rollouts:
@@ -191,8 +190,7 @@ def resolve_model_name(name):
 
 
 def load_problems(task, split):
-    """Rows of {messages, answer}, each user turn holding TEACHER_CONTEXT before the privileged
-    context c: from 'gsm8k', our question/answer[/context] files, or verl's rows as they are."""
+    """Rows of {messages, answer}, each user turn holding TEACHER_CONTEXT before the privileged context c."""
     if task == "gsm8k":
         try:
             import datasets  # imported only where a Hub data set is loaded
@@ -614,12 +612,10 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
 # on CUDA a chunk's elementwise work and row reductions fuse into a few kernels, no (chunk x V) temporaries
 fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
-
-
-# --- The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits ----------------------------
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
 
+# --- The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits ----------------------------
 def fp32_logits(hidden, weight):
     """hidden @ weight.T, (c, H) x (V, H) -> (c, V), in fp32 (fp64 stays): bf16 would move log pi by 0.06."""
     if hidden.is_cuda and hidden.dtype == torch.bfloat16:
@@ -639,8 +635,7 @@ def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
 
 
 class FusedSDPGHead(torch.autograd.Function):
-    """Forward computes, chunk by chunk, the loss and its gradients w.r.t. the student states and
-    the lm_head weight (four GEMMs: student and teacher logits, dX, dW); backward only scales them."""
+    """Forward: the loss and its gradients, chunk by chunk (four GEMMs); backward only scales them."""
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -668,8 +663,7 @@ class FusedSDPGHead(torch.autograd.Function):
                 x = tok_logp.detach().requires_grad_()
                 tok_loss = token_loss(x, old, None if ref_logp is None else ref_logp[s:e], advantages[s:e])
                 (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
-            rho = importance_ratio(tok_logp, old)                         # SG[rho] (c,)
-            kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
+            kl_coef = (kl_weight[s:e] * importance_ratio(tok_logp, old)).to(fdt)  # beta(k) m_i SG[rho]
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
             dz = fused_logit_grad(logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
@@ -840,20 +834,22 @@ def check_plain_head(model):
 
 
 def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
-    """accuracy/<set>: greedy pass@1, or mean@k at --temperature (--eval-samples k); accuracy: their mean."""
+    """accuracy/<set>: greedy pass@1, or mean@k at --temperature (--eval-samples k); accuracy: their mean.
+    On a fork of the RNG: moving an evaluation (--eval-*) never moves a rollout."""
     rank, world = rank_and_world()
     scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
-    for name, problems in eval_sets.items():
-        mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
-        longest = max(len(p["student_ids"]) for p in problems)  # one shape for the set, whatever the rank
-        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                                stop_ids, greedy=cfg.eval_samples == 1, desc="eval", prompt_len=longest)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
-        totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
-        scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
-        for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
-            tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        for name, problems in eval_sets.items():
+            mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
+            longest = max(len(p["student_ids"]) for p in problems)  # one shape a set, whatever the rank
+            responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
+                                    stop_ids, greedy=cfg.eval_samples == 1, desc="eval", prompt_len=longest)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
+            totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
+            scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
+            for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
+                tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
     model.sdpg_kv_caches = held  # evaluation's caches go: one graph recording an evaluation, no memory held
     return dict(accuracy=sum(scores.values()) / len(scores), **scores)
 
@@ -1068,12 +1064,8 @@ def train(cfg):
         cfg = dataclasses.replace(cfg, run_name=f"{os.path.basename(os.path.abspath(cfg.out_dir))}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
     log, finish_log = open_metrics(cfg, start)
-
-    def evaluation():  # on a fork of the RNG: moving an evaluation (--eval-*) never moves a rollout
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
     if start == 1 and eval_sets:  # the starting point: step 0
-        log(dict(step=0, **evaluation()))
+        log(dict(step=0, **evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)))
     # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
     beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
@@ -1142,7 +1134,7 @@ def train(cfg):
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.total_steps):
             with timed(row, "eval_s", device):
-                row.update(evaluation())
+                row.update(evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids))
         log(row)
         shown = {k: "-" if row[k] is None else f"{row[k]:.3g}" for k in ("reward", "opd_kl", "accuracy")}
         bar.set_postfix(shown)
