@@ -296,8 +296,7 @@ def cut_at_stop(tokens, stop_ids):
 
 
 def sample_token(logits, temperature, greedy=False):
-    """Multinomial sampling as an exponential race: argmax_a p(a) / E_a with E_a ~ Exp(1) picks a
-    with probability p(a), on the device, with no cumulative sum and no host synchronisation."""
+    """An exponential race: argmax_a p(a) / E_a, E_a ~ Exp(1), picks a with probability p(a); no host sync."""
     if greedy:
         return logits.argmax(-1)                                                  # (B,)
     probs = torch.softmax(logits.float() / temperature, dim=-1)                   # (B, V)
@@ -311,8 +310,7 @@ def decode_step(model, cache_kwarg, tokens, positions, cache_position, mask, tem
     return sample_token(logits, temperature, greedy)
 
 
-# on CUDA a decode step replays as a captured CUDA graph (one launch, not hundreds); eager elsewhere.
-# Its shapes are (rows, cache length): generate keeps both fixed for a set, so it compiles once a set
+# on CUDA a decode step replays as one captured graph, compiled once a set: generate fixes rows and slots
 graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic=False)
 
 
@@ -441,8 +439,7 @@ def closing_brace(text, start):
 
 
 def final_answer(text, answer_format="boxed"):
-    """The response's final answer as written, or None. boxed: the last \\boxed{} or \\fbox{}, else
-    the last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
+    """The final answer as written, or None: as the authors' boxed scorer, or the line after the last ####."""
     if answer_format == "hash":  # of GSM8K's '#### 12 apples', the leading number
         line = text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
         number = line and re.match(rf"[-+$\s]*(?:{NUMBER})(?![\d,/])", line)
@@ -492,8 +489,7 @@ def reward(response, reference, answer_format="boxed"):
 
 # --- The objective, one function per equation ---------------------------------------------------------------
 def group_advantages(rewards, group_size, eps_std=1e-6):
-    """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as in the authors' code.
-    rewards: (B*G,) with each group contiguous. Groups of equal rewards get A = 0."""
+    """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as the authors'; groups contiguous."""
     r = rewards.view(-1, group_size).to(torch.float64)                # (B, G)
     if group_size == 1:  # verl's mean 0 and std 1 for a group of one: A_i = R_i / (1 + eps_std)
         return (r / (1 + eps_std)).view(-1).to(rewards.dtype)
@@ -925,8 +921,7 @@ def step_prompts(problems, step, cfg):
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags (each against its range in Config), an --out-dir holding another run, a missing
-    tracker, and installs older than the APIs used here (README: the version floors); before any write."""
+    """Refuse, before any write: bad flags, installs below the README's floors, an --out-dir holding a run."""
     for package, need in ((torch, "2.10"), (__import__("transformers"), "4.56")):
         name, have = package.__name__, package.__version__
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
@@ -1092,16 +1087,14 @@ def train(cfg):
             scored = cfg.ppo_minibatches > 1 or cfg.kl_reward or lambda_k > 0
             old_logp = score_tokens(model, prompts, responses, cfg, pad_id) if scored else None
             rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
-        # 4. per-sample, on the CPU: group advantages (Eq. 2.1) of R_i less the KL penalty where it
-        # is on (a flat group then has A != 0, as in verl), the gate (Eq. 3.5), beta(k) (Sec. 3.5.2)
+        # 4. on the CPU: A_i (Eq. 2.1) of R_i less any KL penalty (flat groups' A != 0, as verl), m_i, beta(k)
         penalty = (kl_in_reward(old_logp, rollouts.ref_logp, cfg.kl_reward) if cfg.kl_reward
                    else torch.zeros(len(rewards)))                                            # (S,)
         rollouts.advantages = group_advantages(rewards - penalty, G)                           # (S,)
         gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
-        # RLSD (App. B): where A_i != 0 (elsewhere A_t = 0) and lambda_k > 0, pi_old scores the teacher prompt
-        # (c, x), and A_i becomes per-token A_t, (n,) on the device; the gate stays A_i's
+        # RLSD (App. B): pi_old scores (c, x) where A_i != 0, whose A_i becomes per-token A_t; the gate stays
         reweighted = rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []
         rlsd_sums = {}
         if reweighted:
