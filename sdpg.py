@@ -315,8 +315,7 @@ graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of one new token per row with grouped-query K/V read in place: the g query heads
-    that share a K/V head become g query rows of that head, so K/V are never repeated per head."""
+    """One new token a row: a K/V head's g query heads attend as its g query rows (K/V never repeated)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     b, heads, q_len, dim = query.shape                                          # (B, h, 1, D)
     if q_len != 1:  # the prefill: transformers' own SDPA
@@ -372,8 +371,7 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
 
 
 def sampler_row_bytes(model, slots):
-    """A sampling row's peak bytes: its K/V cache, the prefill's K/V repeated over all heads (transformers'
-    SDPA with a mask, one layer at a time), the logits and the sampling step's three fp32 (row, V) tensors."""
+    """A sampling row's peak bytes: K/V cache, the prefill's K/V over all heads, logits, 3 fp32 (row, V)."""
     c, element = model.config, next(model.parameters()).element_size()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
@@ -382,8 +380,7 @@ def sampler_row_bytes(model, slots):
 
 
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
-    """Responses (stop token included) and truncation flags, in calls of one shape for the set
-    (prompt_len: its longest prompt), as many rows as --sample-memory-mb holds, the last filled up."""
+    """Responses (stop token included) and truncation flags, in calls of one shape, as many rows as fit."""
     model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
     prompt_len = prompt_len or max(map(len, prompts), default=0)
     row_bytes = sampler_row_bytes(model, prompt_len + cfg.max_response_tokens + 16)
@@ -499,8 +496,7 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 
 
 def kl_in_reward(old_logp, ref_logp, coef):
-    """Table 1's GRPO baseline, verl's KL in the reward: coef * sum_t (log pi_old(y_t) - log pi_ref(y_t))
-    per response. S tensors (|y_i|,) on the model's device -> (S,) on the CPU, like the rewards."""
+    """Table 1's GRPO, verl's KL in the reward: coef sum_t (log pi_old - log pi_ref) per response, (S,)."""
     return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
 
 
@@ -531,9 +527,8 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
 
 def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
     """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), the evidence weight
-    w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]. As in the
-    authors' compute_rlsd_loss, Delta_t and sign(A_i) Delta_t are clamped to [-20, 20] and lam decays (the
-    paper's is constant). Per-token tensors of one shape (A_i expanded) -> A_t, Delta_t, unclipped w_t."""
+    w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)], both clamped
+    to [-20, 20] as in the authors' compute_rlsd_loss. Per-token tensors -> A_t, Delta_t, unclipped w_t."""
     delta = (teacher_logp - old_logp).nan_to_num(0.0).clamp(-20.0, 20.0)
     weight = torch.exp((torch.sign(advantages) * delta).clamp(-20.0, 20.0))
     return (1 - lam) * advantages + lam * (advantages * weight.clamp(1 - eps_w, 1 + eps_w)), delta, weight
@@ -695,8 +690,7 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
 
 # --- The update: hidden states (never logits), Eq. 3.1 over the batch, one token-mean, AdamW ------------
 def response_hidden(model, prompts, responses, pad_id):
-    """Final-norm hidden states that predict each response token, (sum |y_i|, H). Rows are
-    [prompt | response | pad], so the state at |prompt| - 1 + j predicts response token j."""
+    """Final-norm hidden states that predict each response token, (sum |y_i|, H), of [prompt | response]."""
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -830,8 +824,7 @@ def check_plain_head(model):
 
 
 def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
-    """accuracy/<set>: greedy pass@1, or mean@k at --temperature (--eval-samples k); accuracy: their mean.
-    On a fork of the RNG: moving an evaluation (--eval-*) never moves a rollout."""
+    """accuracy/<set> (pass@1, or mean@k at --temperature) and their mean; the RNG forked: rollouts stay."""
     rank, world = rank_and_world()
     scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
