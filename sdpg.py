@@ -401,8 +401,7 @@ def sampling_policy(model):
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
     for p in copy.parameters():  # parameters only: rotary inv_freq buffers stay fp32
         p.data = p.data.to(torch.bfloat16)
-    # families with plain grouped-query attention (no sinks, one head size); others keep their own
-    known = copy.config.model_type in ("qwen2", "qwen3", "llama", "mistral")
+    known = copy.config.model_type in ("qwen2", "qwen3", "llama", "mistral")  # plain GQA, one head size
     return use_decode_attention(copy) if known else copy
 
 
@@ -506,8 +505,7 @@ def positive_advantage_gate(advantages):
 
 
 def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
-    """Section 3.5.2: beta(k) = beta * min(1, k/T_warm) * min(1, (T-k)/T_decay).
-    T_warm = 0 or T_decay = 0 disables that factor; overlapping windows peak below beta."""
+    """Section 3.5.2: beta(k) = beta * min(1, k/T_warm) * min(1, (T-k)/T_decay); a T of 0 drops its factor."""
     warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
     decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
     return beta * max(0.0, warm) * max(0.0, decay)
@@ -554,8 +552,7 @@ def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, cl
 
 
 def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps_low, eps_high, clip_c):
-    """The sampled-token part of Eq. A.3: dual-clip outcome loss + alpha SG[rho] f_K(log w).
-    old_logp=None means on-policy (rho = 1); ref_logp=None or alpha=0 drops the reference term."""
+    """The sampled-token part of Eq. A.3: dual-clip loss + alpha SG[rho] f_K(log w); None: rho = 1, no f_K."""
     old_logp = logp.detach() if old_logp is None else old_logp
     loss = dual_clip_pg_loss(logp, old_logp, advantages, eps_low, eps_high, clip_c)
     if alpha and ref_logp is not None:
@@ -565,9 +562,8 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
 
 
 def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
-    """Row statistics of one chunk, logits (c, V): log pi(y_t), entropy, the exact full-vocabulary KL_t =
-    sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher), and the log-normalisers for logit_grad.
-    The temperature divides the student's logits only, as in the authors' code."""
+    """Per row of a chunk (c, V): log pi(y_t), entropy, Eq. 3.2's exact KL_t = sum_a p(a) log(p(a) / q(a)) (0
+    without a teacher), the log-normalisers. The temperature divides only the student's logits, as theirs."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     z = student_logits.to(fdt) / temperature                              # (c, V)
     lse_p = z.logsumexp(-1)                                               # (c,)
@@ -734,8 +730,7 @@ class Rollouts:
 
 @torch.no_grad()
 def score_tokens(model, prompts, responses, cfg, pad_id):
-    """log pi(y_t | prompt, y<t) under pi_ref or pi_old, the prompt x (or RLSD's teacher prompt (c, x)):
-    a tensor (|y_i|,) per response, by the head's chunks (no N x V), at the sampling temperature."""
+    """log pi(y_t | prompt, y<t), (|y_i|,) per response, at the sampling temperature, by the head's chunks."""
     model.eval()  # pi_old is the policy, left in training mode by the last update
     weight, out = model.get_output_embeddings().weight, []
     w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
@@ -1013,8 +1008,7 @@ def optimizer_and_resume(cfg, model):
 
 
 def open_metrics(cfg, start):
-    """(write a row, finish) of <out>/metrics.jsonl on rank 0, each row also to the --report-to tracker
-    (a resumed run continues its run, by name); a resumed run keeps the rows before `start`."""
+    """(write a row, finish) of metrics.jsonl and --report-to on rank 0; a resumed run keeps earlier rows."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank_and_world()[0] != 0:
         return (lambda row: None), (lambda: None)
@@ -1054,7 +1048,6 @@ def train(cfg):
     log, finish_log = open_metrics(cfg, start)
     if start == 1 and eval_sets:  # the starting point: step 0
         log(dict(step=0, **evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)))
-    # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
     beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
     bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", total=cfg.total_steps, initial=start - 1,
@@ -1131,8 +1124,7 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    """The run's Config: the flags given, over those a resumed checkpoint recorded, over the defaults.
-    A resumed run refuses a given flag that differs from its record, unless the flag is free."""
+    """Config: the flags given, over a resumed checkpoint's (the same unless free), over the defaults."""
     parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)")
 
     def refuse(message):  # argparse's errors as one line, without its usage block
