@@ -170,12 +170,11 @@ ANSWER_FORMATS = {  # Figure 4's answer sentences, and GSM8K's '####' in their p
 STUDENT_PROMPT = "Solve the following math problem step by step. {0}\n{question}\n{1}"
 TEACHER_CONTEXT = "[TEACHER_CONTEXT_TOKEN]"  # the student sees the text before it, the teacher all of it
 HINT = "\n[Hint] The correct answer is {answer}."
-HINT_SOLUTION = (
-    " A common way to solve this is:\n{solution}\n[Instruction] If possible, derive the answer {answer} "
-    "using an alternative, equally rigorous mathematical approach (e.g., algebraic vs geometric, or "
-    "different substitution). If no alternative exists, articulate the standard approach with "
-    "exceptional clarity. Do NOT state that you were given the answer or reference."
-)
+HINT_SOLUTION = (" A common way to solve this is:\n{solution}\n[Instruction] If possible, derive the answer "
+                 "{answer} using an alternative, equally rigorous mathematical approach (e.g., algebraic vs "
+                 "geometric, or different substitution). If no alternative exists, articulate the standard "
+                 "approach with exceptional clarity. Do NOT state that you were given the answer or "
+                 "reference.")
 
 
 def resolve_model_name(name):
@@ -632,8 +631,7 @@ class FusedSDPGHead(torch.autograd.Function):
         w = weight.to(dtype)                                              # (V, H)
         grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=w.device)  # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))  # fp32
-        loss = torch.zeros((), dtype=fdt, device=w.device)
-        stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
+        loss, stats = w.new_zeros((), dtype=fdt), w.new_zeros(3, n, dtype=fdt)  # stats: logp, KL, entropy
         scale = 1.0 / (n_tokens * temperature)                           # token mean; z = hW / T
         n_teacher = 0 if teacher_hidden is None else len(teacher_hidden)
         for s, e in head_chunks(n, weight.shape[0], memory_mb, chunk_size):
