@@ -122,8 +122,7 @@ COMPILES = collections.Counter()  # graphs compiled per function in this process
 
 
 def cuda_compiled(fn, devices=("cuda",), **options):
-    """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU, more
-    graphs than call.graphs) one notice says why, and fn runs eagerly. call.compiled_ran: compiled fn ran."""
+    """fn compiled on CUDA, else eager; a failed compile (no Triton, > call.graphs) notes why, runs eager."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -511,9 +510,8 @@ def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
 
 
 def ref_kl_penalty(logp, ref_logp, mode="urkl"):
-    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens, log w =
-    log pi_theta(y_t) - log pi_ref(y_t); its gradient w.r.t. logp is the KL's REINFORCE coefficient: urkl
-    log w, ufkl 1 - 1/w. Both are 0 at w = 1 (ufkl's -1: no gradient, a logged ref_kl of 0 at pi = pi_ref)."""
+    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens, log w = log
+    pi_theta(y_t) - log pi_ref(y_t); its gradient is the KL's REINFORCE coefficient, 0 at w = 1."""
     log_w = logp - ref_logp
     if mode == "urkl":
         return 0.5 * log_w ** 2                # unnormalised reverse KL: (1/2) log^2 w
@@ -523,9 +521,8 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
 
 
 def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
-    """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), the evidence weight
-    w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)], both clamped
-    to [-20, 20] as in the authors' compute_rlsd_loss. Per-token tensors -> A_t, Delta_t, unclipped w_t."""
+    """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), w_t = exp(sign(A_i)
+    Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]; both in [-20, 20] (the authors')."""
     delta = (teacher_logp - old_logp).nan_to_num(0.0).clamp(-20.0, 20.0)
     weight = torch.exp((torch.sign(advantages) * delta).clamp(-20.0, 20.0))
     return (1 - lam) * advantages + lam * (advantages * weight.clamp(1 - eps_w, 1 + eps_w)), delta, weight
@@ -543,8 +540,7 @@ def importance_ratio(logp, old_logp):
 
 def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, clip_c=10.0):
     """Appendix A.3 (DAPO clip-higher with dual clip), per token: l = max(-A rho, -A clip(rho, 1-eps_low,
-    1+eps_high)); where A < 0, l = min(l, -A c). With old_logp = logp.detach() (one optimizer step per batch)
-    rho = 1 and the gradient is the on-policy -A grad log pi of Section 3.2."""
+    1+eps_high)); where A < 0, l = min(l, -A c). On-policy rho = 1: the -A grad log pi of Section 3.2."""
     ratio = importance_ratio(logp, old_logp)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     return torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
@@ -581,9 +577,8 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
 def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef, logp_coef,
                temperature=1.0, grad_dtype=None):
     """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)). Proposition 3.1,
-    the teacher detached: dKL_t/dz = p * (log p - log q - KL_t) = -p * A_dist, A_dist = SG[KL_t - log(p/q)],
-    a policy gradient over the whole vocabulary; sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, times
-    logp_coef = dl/dlog pi(y_t). kl_coef, logp_coef (c,) -> (c, V) in grad_dtype (default: the logits')."""
+    the teacher detached: dKL_t/dz = p * (log p - log q - KL_t) = -p * A_dist, A_dist = SG[KL_t - log(p/q)];
+    sampled tokens: d log pi(y_t)/dz = (onehot(y_t) - p) logp_coef. -> (c, V) in grad_dtype or the logits'."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     logp = student_logits.to(fdt) / temperature - lse_p[:, None]          # (c, V)
     p = logp.exp()                                                        # (c, V)
@@ -595,8 +590,7 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
     return torch.where(onehot, grad + logp_coef[:, None], grad).to(grad_dtype or student_logits.dtype)
 
 
-# on CUDA a chunk's elementwise work and row reductions fuse into a few kernels, no (chunk x V) temporaries
-fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
+fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)  # on CUDA fused: no (chunk x V) temporaries
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
@@ -610,8 +604,7 @@ def fp32_logits(hidden, weight):
 
 
 def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
-    """(start, end) rows whose (chunk x V) buffers fit memory_mb: compiled, fp32 logits and a bf16 gradient
-    (10 bytes a row and vocabulary entry); eagerly (before a compiled run, after a failed one) 32 bytes."""
+    """(start, end) rows whose (chunk x V) buffers fit memory_mb: 10 bytes an entry compiled, 32 eagerly."""
     start = 0
     while start < n:
         compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
@@ -672,10 +665,9 @@ class FusedSDPGHead(torch.autograd.Function):
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
                    ref_logp, n_tokens, *, alpha=1e-3, kl_mode="urkl", eps_low=0.2, eps_high=0.28,
                    clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=2048, matmul_dtype=None):
-    """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by n_tokens,
-    the global response-token count. Hidden states (N, H) with grad, the teacher's (N_t, H) of the first
-    N_t rows or None; weight (V, H); per token (N,): tokens, A_i, beta(k) m_i, old_logp (None: rho = 1),
-    ref_logp (None: no reference term). Returns loss, stats (3, N): log pi(y_t), KL(p_t || q_t), entropy."""
+    """The SDPG loss (Eq. 3.1 in the form of A.3) on N response tokens, summed / n_tokens (all ranks').
+    States (N, H) with grad, the teacher's of the first N_t rows or None; weight (V, H); per token (N,):
+    tokens, A_i, beta(k) m_i, old_logp (None: rho = 1), ref_logp. -> loss, stats (3, N): logp, KL, entropy."""
     token_loss = lambda *scores: sampled_token_loss(*scores, alpha, kl_mode, eps_low, eps_high, clip_c)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
                                old_logp, ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size,
