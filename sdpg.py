@@ -196,9 +196,8 @@ def load_problems(task, split):
         except Exception as e:  # no `datasets`, no network, ...
             raise UserError(f"cannot load openai/gsm8k ({split}; without the Hub, HF_HUB_OFFLINE=1 fails at "
                             f"once): {first_line(e)}") from None
-        # the context: the reference solution without its '#### N' and <<48/2=24>> annotations
         rows = [dict(r, context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
-                for r in rows]
+                for r in rows]  # the context: the solution without its '#### N' and <<48/2=24>> notes
     elif not task.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
     elif not os.path.isfile(task):
@@ -250,8 +249,7 @@ def chat_prompt(tokenizer, messages):
 
 
 def split_context(messages, answer_format="boxed"):
-    """(student, teacher) chats, as the authors' rl_dataset: the student's user turn stops at
-    TEACHER_CONTEXT; the teacher's is the whole turn without it. 'hash' swaps the answer sentences."""
+    """(student, teacher) chats, as the authors' rl_dataset: the student's turn stops at TEACHER_CONTEXT."""
     student, teacher = [], []
     for m in messages:
         text = m["content"]
@@ -340,11 +338,10 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     stops = torch.tensor(stop_ids, device=device)
     done = torch.arange(B, device=device) >= live                                       # (B,)
-    # one cache per shape, kept on the model, reset per prefill: it and its CUDA graph serve the whole run
     caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
     if (B, L) not in caches:
         caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
-    caches[B, L].reset()
+    caches[B, L].reset()  # one cache a shape, reset per prefill: it and its CUDA graph serve the whole run
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache_kwarg = {name: caches[B, L]}  # `cache` from transformers 5.24 on (`past_key_values` deprecated)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -848,9 +845,8 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
                    os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        # --keep-checkpoints: the last N up to this step, by the step as a number (not by name)
         names = map(re.compile(r"checkpoint-(\d+)").fullmatch, os.listdir(cfg.out_dir))
-        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= step)
+        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= step)  # as numbers, not names
         for old in steps[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
             shutil.rmtree(os.path.join(cfg.out_dir, f"checkpoint-{old}"))
     if distributed():
