@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
+
 
 def opt(default, help, **valid):
     """A flag: default, help, valid values (low, high inclusive; above exclusive; choices) for check_flags;
@@ -116,9 +118,6 @@ def timed(timings, key, device):
     yield
     sync()
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
-COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
 
 
 def cuda_compiled(fn, devices=("cuda",), **options):
@@ -241,10 +240,8 @@ def load_problems(task, split):
 
 def chat_prompt(tokenizer, messages):
     """Token ids of the chat plus the assistant header (plain text without a chat template)."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n".join(m["content"] for m in messages) + "\n"
+    text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if tokenizer.chat_template else "\n".join(m["content"] for m in messages) + "\n")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -473,8 +470,7 @@ def reference_answer(reference):
 
 def reward(response, reference, answer_format="boxed"):
     """R = +1 if the final answer equals the reference (exact numbers, else normalised strings), else -1."""
-    predicted = final_answer(response, answer_format)
-    predicted = None if predicted is None else normalise(predicted)
+    predicted = normalise(final_answer(response, answer_format) or "")  # None: no final answer
     return 1.0 if predicted is not None and predicted == reference_answer(reference) else -1.0
 
 
@@ -1028,9 +1024,8 @@ def train(cfg):
     prompt_len = max(len(p["student_ids"]) for p in train_set)  # every training call: one prompt width
     graphed_decode_step.graphs = 1 + len(eval_sets)  # one decode shape for training, one an evaluation set
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
-    if not cfg.run_name:  # the tracker's run, recorded in the checkpoints with the other flags
-        cfg = dataclasses.replace(cfg, run_name=f"{os.path.basename(os.path.abspath(cfg.out_dir))}-"
-                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = f"{os.path.basename(os.path.abspath(cfg.out_dir))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or stamp)  # the tracker's run, also checkpointed
     log, finish_log = open_metrics(cfg, start)
     if start == 1 and eval_sets:  # the starting point: step 0
         log(dict(step=0, **evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)))
