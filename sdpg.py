@@ -11,8 +11,7 @@ One GPU (Qwen2.5-0.5B on GSM8K), plain GRPO on the same code path, a local model
     python sdpg.py --model ./my-model --task ./problems.jsonl --device cpu
 Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
-    torchrun --nproc_per_node=8 sdpg.py
-"""
+    torchrun --nproc_per_node=8 sdpg.py"""
 import argparse
 import collections
 import contextlib
