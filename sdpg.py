@@ -120,7 +120,7 @@ def timed(timings, key, device):
 
 
 def cuda_compiled(fn, devices=("cuda",), **options):
-    """fn compiled on CUDA, else eager; a failed compile (no Triton, > call.graphs) notes why, runs eager."""
+    """fn through torch.compile on CUDA, else eagerly; a failed compile says why once, and fn runs eagerly."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -485,7 +485,7 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 
 
 def kl_in_reward(old_logp, ref_logp, coef):
-    """Table 1's GRPO, verl's KL in the reward: coef sum_t (log pi_old - log pi_ref) per response, (S,)."""
+    """Table 1's GRPO, verl's KL in the reward: coef sum_t (log pi_old - log pi_ref), (S,) on the CPU."""
     return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
 
 
@@ -890,7 +890,7 @@ def step_prompts(problems, step, cfg):
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse, before any write: bad flags, installs below the README's floors, an --out-dir holding a run."""
+    """Refuse, before any write: bad flags, installs below the floors, a used --out-dir, a missing tracker."""
     for package, need in ((torch, "2.10"), (__import__("transformers"), "4.56")):
         name, have = package.__name__, package.__version__
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
@@ -954,7 +954,7 @@ def load_run(cfg):
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    # pi_ref: the initial policy, also on resume; bf16 on CUDA, but with --kl-reward as pi_old (k1 is 0 first)
+    # pi_ref, the initial policy also on resume: bf16 on CUDA, but for --kl-reward as pi_old (k1 starts at 0)
     ref_bf16 = (use_cuda and not cfg.kl_reward) if cfg.ref_dtype == "auto" else cfg.ref_dtype == "bf16"
     ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
     ref_model = (load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
