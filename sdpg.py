@@ -1,5 +1,4 @@
-"""
-SDPG: Self-Distilled Policy Gradient (Liu, Zhang, Zhang, Gu, arXiv 2606.04036), in one file.
+"""SDPG: Self-Distilled Policy Gradient (Liu, Zhang, Zhang, Gu, arXiv 2606.04036), in one file.
 
 RL with verifiable rewards where the model, shown a privileged context c (the reference
 solution), is a dense full-vocabulary teacher for its own rollouts:
@@ -12,8 +11,7 @@ One GPU (Qwen2.5-0.5B on GSM8K), plain GRPO on the same code path, a local model
     python sdpg.py --model ./my-model --task ./problems.jsonl --device cpu
 Resume, and DDP on 8 GPUs (README.md: several nodes):
     python sdpg.py --resume out/checkpoint-100
-    torchrun --nproc_per_node=8 sdpg.py
-"""
+    torchrun --nproc_per_node=8 sdpg.py"""
 import argparse
 import collections
 import contextlib
@@ -32,6 +30,8 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
 
 
 def opt(default, help, **valid):
@@ -119,12 +119,8 @@ def timed(timings, key, device):
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-COMPILES = collections.Counter()  # graphs compiled per function in this process (metrics.jsonl)
-
-
 def cuda_compiled(fn, devices=("cuda",), **options):
-    """fn through torch.compile on CUDA, else eagerly; where compiling fails (no Triton, an old GPU, more
-    graphs than call.graphs) one notice says why, and fn runs eagerly. call.compiled_ran: compiled fn ran."""
+    """fn through torch.compile on CUDA, else eagerly; a failed compile says why once, and fn runs eagerly."""
     def call(*args):
         if call.compiled and next(a for a in args if torch.is_tensor(a)).device.type in devices:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -171,17 +167,16 @@ ANSWER_FORMATS = {  # Figure 4's answer sentences, and GSM8K's '####' in their p
 STUDENT_PROMPT = "Solve the following math problem step by step. {0}\n{question}\n{1}"
 TEACHER_CONTEXT = "[TEACHER_CONTEXT_TOKEN]"  # the student sees the text before it, the teacher all of it
 HINT = "\n[Hint] The correct answer is {answer}."
-HINT_SOLUTION = (
-    " A common way to solve this is:\n{solution}\n[Instruction] If possible, derive the answer {answer} "
-    "using an alternative, equally rigorous mathematical approach (e.g., algebraic vs geometric, or "
-    "different substitution). If no alternative exists, articulate the standard approach with "
-    "exceptional clarity. Do NOT state that you were given the answer or reference."
-)
+HINT_SOLUTION = (" A common way to solve this is:\n{solution}\n[Instruction] If possible, derive the answer "
+                 "{answer} using an alternative, equally rigorous mathematical approach (e.g., algebraic vs "
+                 "geometric, or different substitution). If no alternative exists, articulate the standard "
+                 "approach with exceptional clarity. Do NOT state that you were given the answer or "
+                 "reference.")
 
 
 def resolve_model_name(name):
     """A bare Qwen name ('Qwen2.5-0.5B') becomes its Hub id; a local path must be a model directory."""
-    if os.path.isfile(name) or os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+    if os.path.isfile(name) or (os.path.isdir(name) and not os.path.isfile(f"{name}/config.json")):
         raise UserError(f"--model {name!r} is not a model directory (one with a config.json)")
     if not os.path.isdir(name) and re.fullmatch(r"(Qwen2\.5|Qwen3)(-[\w.]+)+", name):
         return "Qwen/" + name
@@ -191,8 +186,7 @@ def resolve_model_name(name):
 
 
 def load_problems(task, split):
-    """Rows of {messages, answer}, each user turn holding TEACHER_CONTEXT before the privileged
-    context c: from 'gsm8k', our question/answer[/context] files, or verl's rows as they are."""
+    """Rows of {messages, answer}, each user turn holding TEACHER_CONTEXT before the privileged context c."""
     if task == "gsm8k":
         try:
             import datasets  # imported only where a Hub data set is loaded
@@ -200,9 +194,8 @@ def load_problems(task, split):
         except Exception as e:  # no `datasets`, no network, ...
             raise UserError(f"cannot load openai/gsm8k ({split}; without the Hub, HF_HUB_OFFLINE=1 fails at "
                             f"once): {first_line(e)}") from None
-        # the context: the reference solution without its '#### N' and <<48/2=24>> annotations
         rows = [dict(r, context=re.sub(r"<<[^>]*>>", "", r["answer"].rsplit("####", 1)[0]).strip())
-                for r in rows]
+                for r in rows]  # the context: the solution without its '#### N' and <<48/2=24>> notes
     elif not task.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown task {task!r}: use 'gsm8k' or a .jsonl, .json or .parquet file")
     elif not os.path.isfile(task):
@@ -231,8 +224,7 @@ def load_problems(task, split):
         if isinstance(r, dict) and isinstance(r.get("prompt"), list):  # verl's format
             answer, messages = str((r.get("reward_model") or {}).get("ground_truth", "")), r["prompt"]
         elif isinstance(r, dict) and "question" in r and "answer" in r:
-            # Figure 4's user turn: the student prompt, the marker, then the hint c (its first
-            # sentence alone where there is no worked solution)
+            # Figure 4's user turn: student prompt, marker, hint c (without a solution: its first sentence)
             answer, solution = str(r["answer"]).rsplit("####", 1)[-1].strip(), str(r.get("context") or "")
             hint = (HINT + HINT_SOLUTION if solution else HINT).format(answer=answer, solution=solution)
             prompt = STUDENT_PROMPT.format(*ANSWER_FORMATS["boxed"], question=r["question"])
@@ -247,16 +239,13 @@ def load_problems(task, split):
 
 def chat_prompt(tokenizer, messages):
     """Token ids of the chat plus the assistant header (plain text without a chat template)."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n".join(m["content"] for m in messages) + "\n"
+    text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if tokenizer.chat_template else "\n".join(m["content"] for m in messages) + "\n")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def split_context(messages, answer_format="boxed"):
-    """(student, teacher) chats, as the authors' rl_dataset: the student's user turn stops at
-    TEACHER_CONTEXT; the teacher's is the whole turn without it. 'hash' swaps the answer sentences."""
+    """(student, teacher) chats, as the authors' rl_dataset: the student's turn stops at TEACHER_CONTEXT."""
     student, teacher = [], []
     for m in messages:
         text = m["content"]
@@ -293,15 +282,13 @@ def stop_token_ids(tokenizer, model):
 
 
 def cut_at_stop(tokens, stop_ids):
-    """Keep tokens up to and including the first stop token. Returns (tokens, truncated).
-    The mask comes from the stop position, never from `!= pad_id` (pad may equal EOS)."""
+    """(tokens up to and including the first stop token, truncated): never by `!= pad_id` (pad may be EOS)."""
     end = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
     return (tokens, True) if end is None else (tokens[: end + 1], False)
 
 
 def sample_token(logits, temperature, greedy=False):
-    """Multinomial sampling as an exponential race: argmax_a p(a) / E_a with E_a ~ Exp(1) picks a
-    with probability p(a), on the device, with no cumulative sum and no host synchronisation."""
+    """An exponential race: argmax_a p(a) / E_a, E_a ~ Exp(1), picks a with probability p(a); no host sync."""
     if greedy:
         return logits.argmax(-1)                                                  # (B,)
     probs = torch.softmax(logits.float() / temperature, dim=-1)                   # (B, V)
@@ -315,14 +302,12 @@ def decode_step(model, cache_kwarg, tokens, positions, cache_position, mask, tem
     return sample_token(logits, temperature, greedy)
 
 
-# on CUDA a decode step replays as a captured CUDA graph (one launch, not hundreds); eager elsewhere.
-# Its shapes are (rows, cache length): generate keeps both fixed for a set, so it compiles once a set
+# on CUDA a decode step replays as one captured graph, compiled once a set: generate fixes rows and slots
 graphed_decode_step = cuda_compiled(decode_step, mode="reduce-overhead", dynamic=False)
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of one new token per row with grouped-query K/V read in place: the g query heads
-    that share a K/V head become g query rows of that head, so K/V are never repeated per head."""
+    """One new token a row: a K/V head's g query heads attend as its g query rows (K/V never repeated)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     b, heads, q_len, dim = query.shape                                          # (B, h, 1, D)
     if q_len != 1:  # the prefill: transformers' own SDPA
@@ -344,20 +329,17 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
     L = -(-(P + N) // 16) * 16                                                           # cache slots
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)   # (B, P)
     start = P - torch.tensor([len(p) for p in prompts], device=device)                  # (B,) first token
-    mask = (torch.arange(L, device=device) >= start[:, None]).long()                    # (B, L) left pads 0
-    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     slots = torch.arange(L, device=device)                                              # (L,) cache positions
+    mask = (slots >= start[:, None]).long()                                             # (B, L) left pads 0
+    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)                               # (B, P)
     stops = torch.tensor(stop_ids, device=device)
     done = torch.arange(B, device=device) >= live                                       # (B,)
-    # one cache per shape, kept on the model and reset before each prefill: its storage, and the
-    # CUDA graph captured on it, serve the whole run
     caches = model.__dict__.setdefault("sdpg_kv_caches", {})  # (rows, slots) -> StaticCache
     if (B, L) not in caches:
         caches[B, L] = StaticCache(config=model.config, max_cache_len=L)
-    caches[B, L].reset()
-    # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
-    cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters
-                   else "past_key_values": caches[B, L]}
+    caches[B, L].reset()  # one cache a shape, reset per prefill: it and its CUDA graph serve the whole run
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kwarg = {name: caches[B, L]}  # `cache` from transformers 5.24 on (`past_key_values` deprecated)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         try:  # the prefill's (B, V) logits go once the first token is drawn
             tokens = sample_token(model(input_ids=ids, attention_mask=mask[:, :P], position_ids=positions,
@@ -371,7 +353,7 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
         for t in range(N):
             out[:, t] = torch.where(done, pad_id, tokens)  # a stopped row never changes again
             done |= torch.isin(tokens, stops)
-            if t == N - 1 or t % 16 == 15 and bool(done.all()):  # one host sync per 16 tokens
+            if t == N - 1 or (t % 16 == 15 and bool(done.all())):  # one host sync per 16 tokens
                 break
             torch.compiler.cudagraph_mark_step_begin()  # a new replay of the captured graph (CUDA)
             tokens = graphed_decode_step(model, cache_kwarg, tokens, first + t, slots[P + t:P + t + 1], mask,
@@ -380,8 +362,7 @@ def decode_rows(model, prompts, live, cfg, pad_id, stop_ids, greedy, prompt_len)
 
 
 def sampler_row_bytes(model, slots):
-    """A sampling row's peak bytes: its K/V cache, the prefill's K/V repeated over all heads (transformers'
-    SDPA with a mask, one layer at a time), the logits and the sampling step's three fp32 (row, V) tensors."""
+    """A sampling row's peak bytes: K/V cache, the prefill's K/V over all heads, logits, 3 fp32 (row, V)."""
     c, element = model.config, next(model.parameters()).element_size()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
@@ -390,8 +371,7 @@ def sampler_row_bytes(model, slots):
 
 
 def generate(model, prompts, cfg, pad_id, stop_ids, greedy=False, desc="sample", prompt_len=None):
-    """Responses (stop token included) and truncation flags, in calls of one shape for the set
-    (prompt_len: its longest prompt), as many rows as --sample-memory-mb holds, the last filled up."""
+    """Responses (stop token included) and truncation flags, in calls of one shape, as many rows as fit."""
     model.eval()  # the policy itself samples on the CPU: a training flag would be a new graph
     prompt_len = prompt_len or max(map(len, prompts), default=0)
     row_bytes = sampler_row_bytes(model, prompt_len + cfg.max_response_tokens + 16)
@@ -412,8 +392,7 @@ def sampling_policy(model):
     copy = __import__("copy").deepcopy(model).requires_grad_(False).eval()
     for p in copy.parameters():  # parameters only: rotary inv_freq buffers stay fp32
         p.data = p.data.to(torch.bfloat16)
-    # families with plain grouped-query attention (no sinks, one head size); others keep their own
-    known = copy.config.model_type in ("qwen2", "qwen3", "llama", "mistral")
+    known = copy.config.model_type in ("qwen2", "qwen3", "llama", "mistral")  # plain GQA, one head size
     return use_decode_attention(copy) if known else copy
 
 
@@ -431,8 +410,7 @@ NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"   # 1,234.5 | 12 | 12. | 
 SIGNED = re.compile(rf"([+-]?)({NUMBER})")
 FRACTION = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
 TEXT = r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"
-# unit words that come off after a number, as in the authors' normalisation (a fixed list: '2 \pi'
-# and '3 x' keep their letters)
+# unit words after a number go, as in the authors' normalisation (a fixed list: '2 \pi', '3 x' stay)
 UNITS = re.compile(r"(?<=\d)\s*(?:(?:square|sq)\s*)?(?:dollars?|cents?|mph|km|cm|mm|m|meters?|inch(?:es)?|"
                    r"feet|foot|ft|miles?|hours?|minutes?|seconds?|days?|weeks?|years?|pounds?|lbs?|kg|g|"
                    r"grams?|degrees?|units?|ways|points?|digits?|integers?|students?|edges?)\.?$")
@@ -448,8 +426,7 @@ def closing_brace(text, start):
 
 
 def final_answer(text, answer_format="boxed"):
-    """The response's final answer as written, or None. boxed: the last \\boxed{} or \\fbox{}, else
-    the last 'Answer: X' (the authors' boxed scorer); hash: the line after the last '####'."""
+    """The final answer as written, or None: as the authors' boxed scorer, or the line after the last ####."""
     if answer_format == "hash":  # of GSM8K's '#### 12 apples', the leading number
         line = text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
         number = line and re.match(rf"[-+$\s]*(?:{NUMBER})(?![\d,/])", line)
@@ -491,17 +468,14 @@ def reference_answer(reference):
 
 
 def reward(response, reference, answer_format="boxed"):
-    """R = +1 if the response's final answer equals the reference (as exact numbers, else as normalised
-    strings), else -1, the authors' scale. A response without a final answer in the format scores -1."""
-    predicted = final_answer(response, answer_format)
-    predicted = None if predicted is None else normalise(predicted)
+    """R = +1 if the final answer equals the reference (exact numbers, else normalised strings), else -1."""
+    predicted = normalise(final_answer(response, answer_format) or "")  # None: no final answer
     return 1.0 if predicted is not None and predicted == reference_answer(reference) else -1.0
 
 
 # --- The objective, one function per equation ---------------------------------------------------------------
 def group_advantages(rewards, group_size, eps_std=1e-6):
-    """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as in the authors' code.
-    rewards: (B*G,) with each group contiguous. Groups of equal rewards get A = 0."""
+    """Eq. 2.1: A_i = (R_i - mean_G) / (std_G + eps_std), std unbiased as the authors'; groups contiguous."""
     r = rewards.view(-1, group_size).to(torch.float64)                # (B, G)
     if group_size == 1:  # verl's mean 0 and std 1 for a group of one: A_i = R_i / (1 + eps_std)
         return (r / (1 + eps_std)).view(-1).to(rewards.dtype)
@@ -511,8 +485,7 @@ def group_advantages(rewards, group_size, eps_std=1e-6):
 
 
 def kl_in_reward(old_logp, ref_logp, coef):
-    """Table 1's GRPO baseline, verl's KL in the reward: coef * sum_t (log pi_old(y_t) - log pi_ref(y_t))
-    per response. S tensors (|y_i|,) on the model's device -> (S,) on the CPU, like the rewards."""
+    """Table 1's GRPO, verl's KL in the reward: coef sum_t (log pi_old - log pi_ref), (S,) on the CPU."""
     return torch.stack([coef * (old - ref).sum() for old, ref in zip(old_logp, ref_logp)]).cpu()  # (S,)
 
 
@@ -522,18 +495,15 @@ def positive_advantage_gate(advantages):
 
 
 def beta_schedule(step, total_steps, beta, warmup_steps, decay_steps):
-    """Section 3.5.2: beta(k) = beta * min(1, k/T_warm) * min(1, (T-k)/T_decay).
-    T_warm = 0 or T_decay = 0 disables that factor; overlapping windows peak below beta."""
+    """Section 3.5.2: beta(k) = beta * min(1, k/T_warm) * min(1, (T-k)/T_decay); a T of 0 drops its factor."""
     warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
     decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
     return beta * max(0.0, warm) * max(0.0, decay)
 
 
 def ref_kl_penalty(logp, ref_logp, mode="urkl"):
-    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens,
-    log w = log pi_theta(y_t) - log pi_ref(y_t). Its gradient w.r.t. logp is the REINFORCE
-    coefficient of that KL: urkl log w, ufkl 1 - 1/w. Both are 0 at w = 1 (ufkl's -1 has no
-    gradient; it makes the logged ref_kl read 0 when the policy equals the reference)."""
+    """Section 3.4 / A.2: per-token surrogate f(log w) of the reference KL on sampled tokens, log w = log
+    pi_theta(y_t) - log pi_ref(y_t); its gradient is the KL's REINFORCE coefficient, 0 at w = 1."""
     log_w = logp - ref_logp
     if mode == "urkl":
         return 0.5 * log_w ** 2                # unnormalised reverse KL: (1/2) log^2 w
@@ -543,10 +513,8 @@ def ref_kl_penalty(logp, ref_logp, mode="urkl"):
 
 
 def rlsd_advantages(advantages, teacher_logp, old_logp, lam, eps_w):
-    """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), the evidence weight
-    w_t = exp(sign(A_i) Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]. As in the
-    authors' compute_rlsd_loss, Delta_t and sign(A_i) Delta_t are clamped to [-20, 20] and lam decays (the
-    paper's is constant). Per-token tensors of one shape (A_i expanded) -> A_t, Delta_t, unclipped w_t."""
+    """Appendix B (RLSD): A_t = (1 - lam) A_i + lam A_i clip(w_t, 1 - eps_w, 1 + eps_w), w_t = exp(sign(A_i)
+    Delta_t), Delta_t = SG[log pi_old(y_t | c, x) - log pi_old(y_t | x)]; both in [-20, 20] (the authors')."""
     delta = (teacher_logp - old_logp).nan_to_num(0.0).clamp(-20.0, 20.0)
     weight = torch.exp((torch.sign(advantages) * delta).clamp(-20.0, 20.0))
     return (1 - lam) * advantages + lam * (advantages * weight.clamp(1 - eps_w, 1 + eps_w)), delta, weight
@@ -563,18 +531,15 @@ def importance_ratio(logp, old_logp):
 
 
 def dual_clip_pg_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28, clip_c=10.0):
-    """Appendix A.3 (DAPO clip-higher with dual clip), per token:
-    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)); where A < 0, l = min(l, -A c).
-    With old_logp = logp.detach() (one optimizer step per batch) rho = 1 and the gradient is
-    the on-policy -A grad log pi of Section 3.2."""
+    """Appendix A.3 (DAPO clip-higher with dual clip), per token: l = max(-A rho, -A clip(rho, 1-eps_low,
+    1+eps_high)); where A < 0, l = min(l, -A c). On-policy rho = 1: the -A grad log pi of Section 3.2."""
     ratio = importance_ratio(logp, old_logp)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     return torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
 
 
 def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps_low, eps_high, clip_c):
-    """The sampled-token part of Eq. A.3: dual-clip outcome loss + alpha SG[rho] f_K(log w).
-    old_logp=None means on-policy (rho = 1); ref_logp=None or alpha=0 drops the reference term."""
+    """The sampled-token part of Eq. A.3: dual-clip loss + alpha SG[rho] f_K(log w); None: rho = 1, no f_K."""
     old_logp = logp.detach() if old_logp is None else old_logp
     loss = dual_clip_pg_loss(logp, old_logp, advantages, eps_low, eps_high, clip_c)
     if alpha and ref_logp is not None:
@@ -584,10 +549,8 @@ def sampled_token_loss(logp, old_logp, ref_logp, advantages, alpha, kl_mode, eps
 
 
 def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
-    """Row statistics of one chunk: log pi(y_t), entropy, and the exact full-vocabulary
-    KL_t = sum_a p(a) log(p(a) / q(a)) of Eq. 3.2 (0 without a teacher). Also returns the
-    log-normalisers, so that logit_grad needs no second reduction. The temperature divides the
-    student's logits only, as in the authors' code. Logits (c, V), fp32 (or fp64)."""
+    """Per row of a chunk (c, V): log pi(y_t), entropy, Eq. 3.2's exact KL_t = sum_a p(a) log(p(a) / q(a)) (0
+    without a teacher), the log-normalisers. The temperature divides only the student's logits, as theirs."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     z = student_logits.to(fdt) / temperature                              # (c, V)
     lse_p = z.logsumexp(-1)                                               # (c,)
@@ -605,12 +568,9 @@ def logit_stats(student_logits, teacher_logits, tokens, temperature=1.0):
 
 def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef, logp_coef,
                temperature=1.0, grad_dtype=None):
-    """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)):
-      Proposition 3.1: with the teacher detached, dKL_t/dz = p * (log p - log q - KL_t)
-        = -p * A_dist, A_dist = SG[KL_t - log(p/q)], the log-ratio advantage centred under p:
-        the KL gradient is a policy gradient over the whole vocabulary;
-      sampled tokens: d log pi(y_t)/dz = onehot(y_t) - p, scaled by logp_coef = dl/dlog pi(y_t).
-    kl_coef, logp_coef (c,); returns (c, V) in grad_dtype (default: the logits'), for two GEMMs."""
+    """d loss / d logits of one chunk, for loss = kl_coef * KL_t + (terms in log pi(y_t)). Proposition 3.1,
+    the teacher detached: dKL_t/dz = p * (log p - log q - KL_t) = -p * A_dist, A_dist = SG[KL_t - log(p/q)];
+    sampled tokens: d log pi(y_t)/dz = (onehot(y_t) - p) logp_coef. -> (c, V) in grad_dtype or the logits'."""
     fdt = torch.promote_types(student_logits.dtype, torch.float32)
     logp = student_logits.to(fdt) / temperature - lse_p[:, None]          # (c, V)
     p = logp.exp()                                                        # (c, V)
@@ -622,28 +582,21 @@ def logit_grad(student_logits, teacher_logits, tokens, lse_p, lse_q, kl, kl_coef
     return torch.where(onehot, grad + logp_coef[:, None], grad).to(grad_dtype or student_logits.dtype)
 
 
-# on CUDA the chunk's elementwise work and row reductions fuse into a few kernels that hold no
-# (chunk x V) temporaries
-fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)
+fused_logit_stats = cuda_compiled(logit_stats, dynamic=True)  # on CUDA fused: no (chunk x V) temporaries
 fused_logit_grad = cuda_compiled(logit_grad, dynamic=True)
-
-
-# --- The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits ----------------------------
 KL_CAP = 20.0  # the authors clamp KL_t at 20: such a token adds beta * 20 and no gradient
 
 
+# --- The fused chunked head: the loss of Eq. A.3 without (tokens x vocab) logits ----------------------------
 def fp32_logits(hidden, weight):
-    """hidden @ weight.T in fp32 (fp64 stays fp64), (c, H) x (V, H) -> (c, V): a bf16 GEMM sums in
-    fp32, and rounding its output to bf16 would move log pi by up to 0.06 where |z| >= 16."""
+    """hidden @ weight.T, (c, H) x (V, H) -> (c, V), in fp32 (fp64 stays): bf16 would move log pi by 0.06."""
     if hidden.is_cuda and hidden.dtype == torch.bfloat16:
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     return (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
 
 
 def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
-    """(start, end) rows whose (chunk x V) buffers fit memory_mb, for the path that runs: compiled,
-    the fp32 student and teacher logits and the bf16 gradient (10 bytes a row and vocabulary entry);
-    eagerly (before the first compiled run, after a failed one) eight fp32 temporaries (32 bytes)."""
+    """(start, end) rows whose (chunk x V) buffers fit memory_mb: 10 bytes an entry compiled, 32 eagerly."""
     start = 0
     while start < n:
         compiled = fused_logit_stats.compiled_ran and fused_logit_grad.compiled_ran
@@ -653,8 +606,7 @@ def head_chunks(n, vocab_size, memory_mb, chunk_size=None):
 
 
 class FusedSDPGHead(torch.autograd.Function):
-    """Forward computes, chunk by chunk, the loss and its gradients w.r.t. the student states and
-    the lm_head weight (four GEMMs: student and teacher logits, dX, dW); backward only scales them."""
+    """Forward: the loss and its gradients, chunk by chunk (four GEMMs); backward only scales them."""
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
@@ -664,31 +616,27 @@ class FusedSDPGHead(torch.autograd.Function):
         w = weight.to(dtype)                                              # (V, H)
         grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=w.device)  # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))  # fp32
-        loss = torch.zeros((), dtype=fdt, device=w.device)
-        stats = torch.zeros(3, n, dtype=fdt, device=w.device)              # logp, KL, entropy
+        loss, stats = w.new_zeros((), dtype=fdt), w.new_zeros(3, n, dtype=fdt)  # stats: logp, KL, entropy
         scale = 1.0 / (n_tokens * temperature)                           # token mean; z = hW / T
         n_teacher = 0 if teacher_hidden is None else len(teacher_hidden)
         for s, e in head_chunks(n, weight.shape[0], memory_mb, chunk_size):
             h, y = student_hidden[s:e].to(dtype), tokens[s:e]             # (c, H), (c,)
-            student_logits = fp32_logits(h, w)                            # (c, V)  GEMM 1
+            logits = fp32_logits(h, w)                                    # (c, V)  GEMM 1
             teacher_logits = None  # past the teacher's rows, whose kl_weight is 0
             if s < n_teacher:  # a chunk across the end: zero states (q uniform) for the rest
                 t = torch.nn.functional.pad(teacher_hidden[s:e], (0, 0, 0, e - min(e, n_teacher)))
                 teacher_logits = fp32_logits(t.to(dtype), w)              # (c, V)  GEMM 2
-            tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(
-                student_logits, teacher_logits, y, temperature)           # (c,) each
-            # sampled-token terms: their gradient w.r.t. log pi(y_t), by autograd on a (c,)
-            # vector, so the head runs the very functions of the equations above
+            tok_logp, entropy, kl, lse_p, lse_q = fused_logit_stats(logits, teacher_logits, y, temperature)
+            # sampled-token terms: d/d log pi(y_t) by autograd on (c,), with the functions of the equations
             old = tok_logp if old_logp is None else old_logp[s:e]        # on-policy: rho = 1
             with torch.enable_grad():
                 x = tok_logp.detach().requires_grad_()
                 tok_loss = token_loss(x, old, None if ref_logp is None else ref_logp[s:e], advantages[s:e])
                 (logp_coef,) = torch.autograd.grad(tok_loss.sum(), x)     # (c,)
-            rho = importance_ratio(tok_logp, old)                         # SG[rho] (c,)
-            kl_coef = (kl_weight[s:e] * rho).to(fdt)                      # beta(k) m_i SG[rho] (c,)
+            kl_coef = (kl_weight[s:e] * importance_ratio(tok_logp, old)).to(fdt)  # beta(k) m_i SG[rho]
             loss += tok_loss.detach().sum() + (kl_coef * kl.clamp(max=KL_CAP)).sum()
             kl_coef = kl_coef * (kl <= KL_CAP)                            # a capped KL has no gradient
-            dz = fused_logit_grad(student_logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
+            dz = fused_logit_grad(logits, teacher_logits, y, lse_p, lse_q, kl, kl_coef * scale,
                                   logp_coef.to(fdt) * scale, temperature, dtype)  # (c, V)
             grad_hidden[s:e] = dz @ w                                     # (c, H)  GEMM 3
             if dz.is_cuda and dz.dtype != grad_weight.dtype:  # bf16 GEMM summing into fp32
@@ -696,7 +644,7 @@ class FusedSDPGHead(torch.autograd.Function):
             else:
                 grad_weight += dz.T @ h                                   # (V, H)  GEMM 4
             stats[:, s:e] = torch.stack([tok_logp, kl, entropy])
-            del student_logits, teacher_logits, dz
+            del logits, teacher_logits, dz
         ctx.save_for_backward(grad_hidden.to(student_hidden.dtype), grad_weight.to(weight.dtype))
         return loss / n_tokens, stats
 
@@ -709,14 +657,9 @@ class FusedSDPGHead(torch.autograd.Function):
 def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight, old_logp,
                    ref_logp, n_tokens, *, alpha=1e-3, kl_mode="urkl", eps_low=0.2, eps_high=0.28,
                    clip_c=10.0, temperature=1.0, chunk_size=None, memory_mb=2048, matmul_dtype=None):
-    """The SDPG loss on N response tokens (Eq. 3.1 in the form of A.3), summed and divided by
-    n_tokens (the global response-token count, so micro-batches and ranks add up exactly).
-
-    student_hidden (N, H) final-norm hidden states with grad; teacher_hidden (N_t, H), those of
-    the first N_t rows (kl_weight is 0 past them), or None; weight (V, H) lm_head; tokens (N,);
-    advantages (N,) A_i per token; kl_weight (N,) beta(k) * m_i; old_logp (N,) or None
-    (on-policy, rho = 1); ref_logp (N,) or None (no reference term).
-    Returns (loss, stats) with stats (3, N) detached: log pi(y_t), KL(p_t || q_t), entropy."""
+    """The SDPG loss (Eq. 3.1 in the form of A.3) on N response tokens, summed / n_tokens (all ranks').
+    States (N, H) with grad, the teacher's of the first N_t rows or None; weight (V, H); per token (N,):
+    tokens, A_i, beta(k) m_i, old_logp (None: rho = 1), ref_logp. -> loss, stats (3, N): logp, KL, entropy."""
     token_loss = lambda *scores: sampled_token_loss(*scores, alpha, kl_mode, eps_low, eps_high, clip_c)
     return FusedSDPGHead.apply(student_hidden, teacher_hidden, weight, tokens, advantages, kl_weight,
                                old_logp, ref_logp, n_tokens, token_loss, temperature, memory_mb, chunk_size,
@@ -725,8 +668,7 @@ def sdpg_head_loss(student_hidden, teacher_hidden, weight, tokens, advantages, k
 
 # --- The update: hidden states (never logits), Eq. 3.1 over the batch, one token-mean, AdamW ------------
 def response_hidden(model, prompts, responses, pad_id):
-    """Final-norm hidden states that predict each response token, (sum |y_i|, H). Rows are
-    [prompt | response | pad], so the state at |prompt| - 1 + j predicts response token j."""
+    """Final-norm hidden states that predict each response token, (sum |y_i|, H), of [prompt | response]."""
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -770,8 +712,7 @@ class Rollouts:
 
 @torch.no_grad()
 def score_tokens(model, prompts, responses, cfg, pad_id):
-    """log pi(y_t | prompt, y<t) under pi_ref or pi_old, the prompt x (or RLSD's teacher prompt (c, x)):
-    a tensor (|y_i|,) per response, by the head's chunks (no N x V), at the sampling temperature."""
+    """log pi(y_t | prompt, y<t), (|y_i|,) per response, at the sampling temperature, by the head's chunks."""
     model.eval()  # pi_old is the policy, left in training mode by the last update
     weight, out = model.get_output_embeddings().weight, []
     w = weight.to(torch.bfloat16) if weight.is_cuda else weight                     # (V, H)
@@ -792,8 +733,7 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
     device, dtype = weight.device, (torch.bfloat16 if weight.is_cuda else None)
     sums, r = collections.defaultdict(float), rollouts
     model.train()
-    # the same number of optimizer steps on every rank; distilled samples (beta(k) m_i != 0) first,
-    # so that the teacher runs on them alone and the head's teacher GEMM stops past them
+    # equal steps on every rank; distilled (beta(k) m_i != 0) samples first: the teacher GEMM stops past them
     for minibatch in torch.tensor_split(torch.arange(len(r.response_ids)), cfg.ppo_minibatches):
         minibatch = sorted(minibatch.tolist(), key=lambda i: bool(r.kl_weight[i] == 0))
         n_tokens = sum(len(r.response_ids[i]) for i in minibatch)
@@ -826,17 +766,15 @@ def update_policy(model, optimizer, rollouts, cfg, pad_id):
                           approx_kl=rho - 1 - log_rho, clipped=clipped, tokens=torch.ones_like(logp))
             for key, value in zip(totals, torch.stack([v.sum() for v in totals.values()]).tolist()):  # a sync
                 sums[key] += value
-        # the loss is divided by the global token count, so the sum over ranks is the gradient of the
-        # global token-mean: one process's update on the whole batch
+        # the loss / the global token count: summed over ranks, the global token-mean's gradient, exactly
         for p in params if distributed() else ():  # a parameter unused on this rank is still summed
             p.grad = all_reduce(torch.zeros_like(p) if p.grad is None else p.grad)
         loss_total = all_reduce(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             optimizer.step()
-            sums["loss"] += loss_total
-            sums["grad_norm"] += grad_norm
-            sums["steps"] += 1
+            for key, value in (("loss", loss_total), ("grad_norm", grad_norm), ("steps", 1)):
+                sums[key] += value
         else:
             sums["skipped"] += 1
         optimizer.zero_grad(set_to_none=True)  # sampling gets the gradients' memory back
@@ -863,20 +801,21 @@ def check_plain_head(model):
 
 
 def evaluate(model, tokenizer, eval_sets, cfg, stop_ids, show=2):
-    """accuracy/<set>: greedy pass@1, or mean@k at --temperature (--eval-samples k); accuracy: their mean."""
+    """accuracy/<set> (pass@1, or mean@k at --temperature) and their mean; the RNG forked: rollouts stay."""
     rank, world = rank_and_world()
     scores, held = {}, dict(getattr(model, "sdpg_kv_caches", {}))
-    for name, problems in eval_sets.items():
-        mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
-        longest = max(len(p["student_ids"]) for p in problems)  # one shape for the set, whatever the rank
-        responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
-                                stop_ids, cfg.eval_samples == 1, "eval", longest)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
-        totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
-        scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
-        for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
-            tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        for name, problems in eval_sets.items():
+            mine = [p for p in problems for _ in range(cfg.eval_samples)][rank::world]
+            longest = max(len(p["student_ids"]) for p in problems)  # one shape a set, whatever the rank
+            responses, _ = generate(model, [p["student_ids"] for p in mine], cfg, tokenizer.pad_token_id,
+                                    stop_ids, greedy=cfg.eval_samples == 1, desc="eval", prompt_len=longest)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            correct = sum(reward(t, p["answer"], cfg.answer_format) > 0 for t, p in zip(texts, mine))
+            totals = all_reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=model.device))
+            scores[f"accuracy/{name}"] = (totals[0] / totals[1].clamp(min=1)).item()
+            for t, p in list(zip(texts, mine))[:show] if rank == 0 else []:
+                tqdm.write(f"--- {name} sample (reference {p['answer']!r}):\n{t.strip()[:600]}")
     model.sdpg_kv_caches = held  # evaluation's caches go: one graph recording an evaluation, no memory held
     return dict(accuracy=sum(scores.values()) / len(scores), **scores)
 
@@ -901,9 +840,8 @@ def save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps
                    os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        # --keep-checkpoints: the last N up to this step, by the step as a number (not by name)
         names = map(re.compile(r"checkpoint-(\d+)").fullmatch, os.listdir(cfg.out_dir))
-        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= step)
+        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= step)  # as numbers, not names
         for old in steps[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
             shutil.rmtree(os.path.join(cfg.out_dir, f"checkpoint-{old}"))
     if distributed():
@@ -952,8 +890,7 @@ def step_prompts(problems, step, cfg):
 
 # --- Setup: flags, data and models, optimizer and resume ----------------------------------------------------
 def check_flags(cfg, world):
-    """Refuse bad flags (each against its range in Config), an --out-dir holding another run, a missing
-    tracker, and installs older than the APIs used here (README: the version floors); before any write."""
+    """Refuse, before any write: bad flags, installs below the floors, a used --out-dir, a missing tracker."""
     for package, need in ((torch, "2.10"), (__import__("transformers"), "4.56")):
         name, have = package.__name__, package.__version__
         if [int(x) for x in re.findall(r"\d+", have)[:2]] < [int(x) for x in need.split(".")]:
@@ -962,12 +899,10 @@ def check_flags(cfg, world):
         value, valid, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if "choices" in valid and value not in valid["choices"]:
             raise UserError(f"unknown {flag} {value!r}: use {', '.join(valid['choices'])}")
-        low, high, above = (valid.get(k, bound) for k, bound in (("low", -math.inf), ("high", math.inf),
-                                                                  ("above", -math.inf)))
-        if valid.keys() & {"low", "high", "above"} and not (low <= value <= high and value > above):
-            bounds = [f">= {low}" * (low > -math.inf), f"> {above}" * (above > -math.inf),
-                      f"<= {high}" * (high < math.inf)]
-            raise UserError(f"{flag} {value}: must be {' and '.join(filter(None, bounds))}")
+        bounds = {sign: valid[k] for k, sign in (("low", ">="), ("above", ">"), ("high", "<=")) if k in valid}
+        low, above, high = bounds.get(">=", -math.inf), bounds.get(">", -math.inf), bounds.get("<=", math.inf)
+        if bounds and not (low <= value <= high and value > above):
+            raise UserError(f"{flag} {value}: must be {' and '.join(f'{s} {b}' for s, b in bounds.items())}")
     if cfg.keep_checkpoints == 1:
         raise UserError("--keep-checkpoints 1: use 0 (all) or at least 2 (a crash mid-save leaves one whole)")
     if cfg.batch_size % world:
@@ -1019,23 +954,20 @@ def load_run(cfg):
     if cfg.grad_checkpointing:  # called activation checkpointing from transformers 5.24 on
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    # pi_ref is the initial policy, also on resume: bf16 on CUDA, except for the KL in the reward,
-    # where it must compute as pi_old does, so that k1 is 0 until the policy moves (flat groups' A_i)
-    ref_bf16 = cfg.ref_dtype == "bf16" or cfg.ref_dtype == "auto" and use_cuda and not cfg.kl_reward
-    ref_model = None
-    if cfg.alpha > 0 or cfg.kl_reward:
-        ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
-        ref_model = load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
+    # pi_ref, the initial policy also on resume: bf16 on CUDA, but for --kl-reward as pi_old (k1 starts at 0)
+    ref_bf16 = (use_cuda and not cfg.kl_reward) if cfg.ref_dtype == "auto" else cfg.ref_dtype == "bf16"
+    ref_dtype = torch.bfloat16 if ref_bf16 else torch.float32
+    ref_model = (load_pretrained("AutoModelForCausalLM", model_path, dtype=ref_dtype).to(device)
+                 if cfg.alpha > 0 or cfg.kl_reward else None)
     return tokenizer, train_set, eval_sets, model, ref_model
 
 
 def optimizer_and_resume(cfg, model):
     """AdamW (under torchrun sharded: ZeRO-1) and its warmup; with --resume their state, step and RNGs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused on one GPU (no full-size foreach temporaries); ZeRO loads the step counts onto the CPU,
-    # where the fused kernel cannot take them
+    # fused on one GPU (no foreach temporaries); not under ZeRO, which loads the step counts onto the CPU
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                  fused=params[0].is_cuda and not distributed() or None)
+                  fused=True if params[0].is_cuda and not distributed() else None)
     if distributed():
         from torch.distributed.optim import ZeroRedundancyOptimizer
         optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
@@ -1045,8 +977,7 @@ def optimizer_and_resume(cfg, model):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     if not cfg.resume:
         return optimizer, scheduler, 1, 0
-    # mapped from the file to the CPU: AdamW's state moves to its parameters' device as it loads,
-    # never all to GPU 0, and no rank reads the whole state into memory
+    # mapped to the CPU: AdamW's state moves to its parameters' device as it loads (not all to GPU 0 or RAM)
     state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), map_location="cpu", mmap=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -1058,8 +989,7 @@ def optimizer_and_resume(cfg, model):
 
 
 def open_metrics(cfg, start):
-    """(write a row, finish) of <out>/metrics.jsonl on rank 0, each row also to the --report-to tracker
-    (a resumed run continues its run, by name); a resumed run keeps the rows before `start`."""
+    """(write a row, finish) of metrics.jsonl and --report-to on rank 0; a resumed run keeps earlier rows."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank_and_world()[0] != 0:
         return (lambda row: None), (lambda: None)
@@ -1093,17 +1023,11 @@ def train(cfg):
     prompt_len = max(len(p["student_ids"]) for p in train_set)  # every training call: one prompt width
     graphed_decode_step.graphs = 1 + len(eval_sets)  # one decode shape for training, one an evaluation set
     optimizer, scheduler, start, bad_steps = optimizer_and_resume(cfg, model)
-    if not cfg.run_name:  # the tracker's run, recorded in the checkpoints with the other flags
-        cfg = dataclasses.replace(cfg, run_name=f"{os.path.basename(os.path.abspath(cfg.out_dir))}-"
-                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = f"{os.path.basename(os.path.abspath(cfg.out_dir))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or stamp)  # the tracker's run, also checkpointed
     log, finish_log = open_metrics(cfg, start)
-
-    def evaluation():  # on a fork of the RNG: moving an evaluation (--eval-*) never moves a rollout
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)
     if start == 1 and eval_sets:  # the starting point: step 0
-        log(dict(step=0, **evaluation()))
-    # the beta schedule keeps the paper's shape (50 and 350 of 400 steps) at any --total-steps
+        log(dict(step=0, **evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids)))
     beta_warmup = cfg.beta_warmup if cfg.beta_warmup >= 0 else cfg.total_steps / 8
     beta_decay = cfg.beta_decay if cfg.beta_decay >= 0 else cfg.total_steps * 7 / 8
     bar = tqdm(range(start, cfg.total_steps + 1), desc="sdpg", total=cfg.total_steps, initial=start - 1,
@@ -1120,10 +1044,8 @@ def train(cfg):
         # 2. verify: R_i = +1 if the final answer is right, else -1                  (l. 7)
         with timed(timings, "verify_s", device):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format)
-                                    for t, p in zip(texts, group)])                           # (S,)
-        # 3. no-grad scores, per-token on the model's device: reference log-probs; old log-probs
-        # where rho can differ from 1, or the KL in the reward or RLSD needs them
+            rewards = torch.tensor([reward(t, p["answer"], cfg.answer_format) for t, p in zip(texts, group)])
+        # 3. no-grad per-token scores: pi_ref's; pi_old's where rho can differ from 1, --kl-reward or RLSD
         lambda_k = rlsd_lambda_schedule(step, cfg.rlsd_lambda, cfg.rlsd_decay)  # 0: RLSD off, or decayed
         with timed(timings, "ref_s", device):
             ref_logp = score_tokens(ref_model, prompts, responses, cfg, pad_id) if ref_model else None
@@ -1131,16 +1053,14 @@ def train(cfg):
             scored = cfg.ppo_minibatches > 1 or cfg.kl_reward or lambda_k > 0
             old_logp = score_tokens(model, prompts, responses, cfg, pad_id) if scored else None
             rollouts.old_logp = old_logp if cfg.ppo_minibatches > 1 else None  # one step: rho = 1
-        # 4. per-sample, on the CPU: group advantages (Eq. 2.1) of R_i less the KL penalty where it
-        # is on (a flat group then has A != 0, as in verl), the gate (Eq. 3.5), beta(k) (Sec. 3.5.2)
+        # 4. on the CPU: A_i (Eq. 2.1) of R_i less any KL penalty (flat groups' A != 0, as verl), m_i, beta(k)
         penalty = (kl_in_reward(old_logp, rollouts.ref_logp, cfg.kl_reward) if cfg.kl_reward
                    else torch.zeros(len(rewards)))                                            # (S,)
         rollouts.advantages = group_advantages(rewards - penalty, G)                           # (S,)
         gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
-        # RLSD (App. B): where A_i != 0 (elsewhere A_t = 0) and lambda_k > 0, pi_old scores the teacher prompt
-        # (c, x), and A_i becomes per-token A_t, (n,) on the device; the gate stays A_i's
+        # RLSD (App. B): pi_old scores (c, x) where A_i != 0, whose A_i becomes per-token A_t; the gate stays
         reweighted = rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []
         rlsd_sums = {}
         if reweighted:
@@ -1171,21 +1091,20 @@ def train(cfg):
                    beta=beta_k, rlsd_lambda=lambda_k if cfg.rlsd_lambda > 0 else None, lr=lr, **timings,
                    step_s=time.perf_counter() - t_step, accuracy=None)
         row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
-        if eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.total_steps):
+        if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.total_steps):
             with timed(row, "eval_s", device):
-                row.update(evaluation())
+                row.update(evaluate(sampler, tokenizer, eval_sets, cfg, stop_ids))
         log(row)
         shown = {k: "-" if row[k] is None else f"{row[k]:.3g}" for k in ("reward", "opd_kl", "accuracy")}
         bar.set_postfix(shown)
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.total_steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.total_steps:
             save_checkpoint(cfg, step, model, tokenizer, optimizer, scheduler, bad_steps)
     finish_log()
     return model
 
 
 def parse_args(argv=None):
-    """The run's Config: the flags given, over those a resumed checkpoint recorded, over the defaults.
-    A resumed run refuses a given flag that differs from its record, unless the flag is free."""
+    """Config: the flags given, over a resumed checkpoint's (the same unless free), over the defaults."""
     parser = argparse.ArgumentParser(description="SDPG: Self-Distilled Policy Gradient (arXiv 2606.04036)")
 
     def refuse(message):  # argparse's errors as one line, without its usage block
