@@ -993,6 +993,10 @@ def open_metrics(cfg, start):
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank_and_world()[0] != 0:
         return (lambda row: None), (lambda: None)
+    tracker = None if cfg.report_to == "none" else importlib.import_module(cfg.report_to)
+    if tracker:  # first, as it may fail (an account); trackio and wandb share init, log and finish
+        tracker.init(project="sdpg", name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow",
+                     **(dict(id=cfg.run_name) if cfg.report_to == "wandb" else {}))  # wandb resumes by id
     os.makedirs(cfg.out_dir, exist_ok=True)
     earlier = []
     if cfg.resume and os.path.exists(path):
@@ -1000,10 +1004,6 @@ def open_metrics(cfg, start):
             earlier = [line for line in f if json.loads(line)["step"] < start]
     with open(path, "w") as f:
         f.writelines(earlier)
-    tracker = None if cfg.report_to == "none" else importlib.import_module(cfg.report_to)
-    if tracker:  # trackio and wandb share init, log and finish; wandb resumes by id
-        tracker.init(project="sdpg", name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow",
-                     **(dict(id=cfg.run_name) if cfg.report_to == "wandb" else {}))
 
     def write(row):  # each row on disk, and the file closed, once written
         with open(path, "a") as f:
