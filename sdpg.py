@@ -706,8 +706,8 @@ class Rollouts:
     old_logp: list = None              # S tensors (|y_i|,), or None on-policy
 
     def per_token(self, values, samples, device):
-        """values[i] of the samples, per-sample CPU values or (|y_i|,) tensors, as one (n,) on the device."""
-        return torch.cat([values[i].to(device).expand(len(self.response_ids[i])) for i in samples])
+        """values[i] of the samples (one a sample, or (|y_i|,)) as one (n,) on the device, in one crossing."""
+        return torch.cat([values[i].expand(len(self.response_ids[i])) for i in samples]).to(device)
 
 
 @torch.no_grad()
@@ -1060,7 +1060,7 @@ def train(cfg):
         gate = positive_advantage_gate(rollouts.advantages) if cfg.gate else torch.ones(len(rewards))
         beta_k = beta_schedule(step, cfg.total_steps, cfg.beta, beta_warmup, beta_decay)
         rollouts.kl_weight = beta_k * gate                                                    # (S,)
-        # RLSD (App. B): pi_old scores (c, x) where A_i != 0, whose A_i becomes per-token A_t; the gate stays
+        # RLSD (App. B): pi_old scores (c, x) where A_i != 0; their A_i become A_t, per token, on the CPU
         reweighted = rollouts.advantages.nonzero().view(-1).tolist() if lambda_k > 0 else []
         rlsd_sums = {}
         if reweighted:
@@ -1070,7 +1070,7 @@ def train(cfg):
             a_t, delta, weight = rlsd_advantages(                                             # (n,) each
                 rollouts.per_token(rollouts.advantages, reweighted, device), torch.cat(teacher_logp),
                 rollouts.per_token(old_logp, reweighted, device), lam=lambda_k, eps_w=cfg.rlsd_eps_w)
-            by_sample = dict(zip(reweighted, a_t.split([len(responses[i]) for i in reweighted])))
+            by_sample = dict(zip(reweighted, a_t.cpu().split([len(responses[i]) for i in reweighted])))
             rollouts.advantages = [by_sample.get(i, a) for i, a in enumerate(rollouts.advantages)]
             w_clip = weight.clamp(1 - cfg.rlsd_eps_w, 1 + cfg.rlsd_eps_w)
             rlsd_sums = dict(rlsd_tokens=len(a_t), rlsd_delta=delta.sum().item(),
